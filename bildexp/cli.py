@@ -1,0 +1,130 @@
+"""The `bildexp` command: the only Hydra entry point.
+
+    bildexp run [HYDRA OVERRIDES]     decode a task with a policy, write results/<experiment>.csv
+    bildexp run -m KEY=A,B ...        sweep (Hydra multirun; jobs share loaded models)
+    bildexp plot [--csv F] [--out D]  Figure-4 view (PNG, PDF) and Table-1 view (Markdown) from a CSV
+    bildexp build-tiny [NAME ...]     build the project's tiny model pairs (also built on first use)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def _summary_table(rows: list[dict]) -> str:
+    cols = ["policy", "which", "fallback_threshold", "rollback_threshold", "n_examples", "headline_metric",
+            "headline_score", "latency_ms_mean", "large_token_share", "fallback_rate", "rollback_rate"]
+    import pandas as pd
+
+    df = pd.DataFrame(rows)[cols]
+    df.loc[df["policy"] != "vanilla", "which"] = ""
+    df.loc[df["policy"] != "bild", ["fallback_threshold", "rollback_threshold"]] = float("nan")
+    return df.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="")
+
+
+def run_command(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    from bildexp import BildexpError
+    from bildexp.config import register_configs, to_config
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    register_configs()
+    pairs = PairCache()  # lives across the jobs of one multirun
+    rows: list[dict] = []
+    csvs: list[str] = []
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def job(dcfg: DictConfig) -> None:
+        try:
+            cfg = to_config(dcfg)
+            rows.append(run(cfg, pairs))
+        except BildexpError as err:
+            # Raised past Hydra (SystemExit is not an Exception) so the user sees one line, not a trace.
+            print(f"bildexp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        csv = str(Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv")
+        if csv not in csvs:
+            csvs.append(csv)
+
+    check_group_choices(argv)
+    sys.argv = ["bildexp run", *argv]
+    job()
+    if rows:
+        print("\n" + _summary_table(rows))
+        print("\nresults: " + ", ".join(csvs))
+    return 0
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """`task=foo` with no conf/task/foo.yaml → one line listing the choices (Hydra's own is a page)."""
+    from bildexp import BildexpError
+
+    for arg in argv:
+        m = re.fullmatch(r"(task|pair|policy|runner|experiment)=([^,]+(?:,[^,]+)*)", arg)
+        if not m:
+            continue
+        group, values = m.groups()
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        for value in values.split(","):
+            if value not in known and value != "null":
+                raise BildexpError(f"unknown {group} {value!r}: one of {', '.join(known)}")
+
+
+def plot_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bildexp plot", description="Figure-4 view and Table-1 view from a results CSV.")
+    parser.add_argument("--csv", default="results/default.csv", help="results CSV (default: results/default.csv)")
+    parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
+    args = parser.parse_args(argv)
+    from bildexp import BildexpError
+    from bildexp.plots import make_all
+
+    if not Path(args.csv).is_file():
+        raise BildexpError(f"{args.csv} not found: run `bildexp run ...` first or pass --csv PATH")
+    for path in make_all(args.csv, args.out):
+        print(path)
+    return 0
+
+
+def build_tiny_command(argv: list[str]) -> int:
+    from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
+
+    parser = argparse.ArgumentParser(prog="bildexp build-tiny", description="Build the project's tiny model pairs.")
+    parser.add_argument("names", nargs="*", default=list(TINY_PAIRS), choices=TINY_PAIRS)
+    for name in parser.parse_args(argv).names:
+        print(ensure_tiny_pair(name))
+    return 0
+
+
+COMMANDS = {"run": run_command, "plot": plot_command, "build-tiny": build_tiny_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # OpenMP's default spin-wait makes batch-1 decoding jittery on small CPUs (ENVIRONMENT.md); it must
+    # be set before torch loads, which is why the heavy imports above are inside the commands.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from bildexp import BildexpError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except BildexpError as err:
+        print(f"bildexp: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Typed config schemas: the single place where defaults live.
+
+Hydra composes conf/*.yaml on top of these dataclasses (registered in the ConfigStore), which rejects
+unknown keys and wrong types. After `cli.py` converts the DictConfig with `to_config`, nothing else in
+the package sees Hydra or OmegaConf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from bildexp import BildexpError
+
+
+@dataclass
+class TaskConfig:
+    name: str = "toy"
+    # HF hub dataset for users with network access (REFERENCE.md names them).
+    hub_dataset: Optional[str] = None
+    hub_config: Optional[str] = None
+    # Split read from the hub; the official BiLD code evaluates on validation.
+    split: str = "validation"
+    # Field names in the hub rows: a "translation" dict keyed by language, or plain columns.
+    source_field: str = "source"
+    target_field: str = "reference"
+    # File under data_dir holding this task as {"id", "source", "reference"} JSONL, and its split name.
+    local_file: Optional[str] = None
+    local_split: Optional[str] = None
+    # Where local_file is looked up: $BILDEXP_DATA, else ../shared/data beside the repository.
+    data_dir: Optional[str] = None
+    # auto: local file when it exists, else the hub; local / hub force one; builtin: generated toy data.
+    data_source: str = "auto"
+    # Any local JSONL of {"id", "source", "reference"} rows; overrides everything above.
+    data_file: Optional[str] = None
+    # Encoder-decoder input: prefix + source ("summarize: " for T5 summarisation).
+    prefix: str = ""
+    # Decoder-only input when the tokenizer has no chat template; {source} is replaced.
+    prompt_template: str = "{source}\n"
+    # Decoder-only input when the tokenizer has a chat template: the user turn is instruction + source.
+    instruction: str = ""
+    # Source tokens kept (longer sources are truncated, counted and reported).
+    max_source_tokens: int = 512
+    max_new_tokens: int = 128
+    # Headline metric of the task (a name registered in bildexp.metrics).
+    metric: str = "bleu"
+
+
+@dataclass
+class PairConfig:
+    name: str = "tiny_t5"
+    # Hub id, local folder, or "builtin:<tiny pair>/<large|small>" for the project-built tiny pairs.
+    large: str = "builtin:tiny_t5/large"
+    small: str = "builtin:tiny_t5/small"
+    # Tokenizer id or folder; defaults to the large model's own.
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    # cpu, cuda, or auto (cuda when available).
+    device: str = "cpu"
+    # torch intra-op threads; 1 is fastest for batch-1 decoding on these CPUs (ENVIRONMENT.md).
+    threads: int = 1
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "vanilla"
+    # vanilla: which model decodes alone.
+    which: str = "large"
+    # Greedy unless sampling; sampling is nucleus sampling with top_p and temperature.
+    sampling: bool = False
+    top_p: float = 0.8
+    temperature: float = 1.0
+    seed: int = 0
+    # bild: the small model's token is kept only while its max probability exceeds this.
+    fallback_threshold: float = 0.5
+    # bild: a small token whose cross-entropy under the large model exceeds this is rolled back.
+    rollback_threshold: float = 2.0
+    # bild: control returns to the large model after this many consecutive small tokens (paper: 10).
+    max_small_steps: int = 10
+
+
+@dataclass
+class RunnerConfig:
+    output_dir: str = "results"
+    # First N examples of the split; null for all.
+    limit: Optional[int] = None
+    # Examples decoded once before timing starts and not recorded.
+    warmup: int = 2
+    # Re-run a run that is already complete.
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    # Results go to results/<experiment_name>.csv and results/runs/<experiment_name>/.
+    experiment_name: str = "default"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="pair", name="pair_schema", node=PairConfig)
+    cs.store(group="policy", name="policy_schema", node=PolicyConfig)
+    cs.store(group="runner", name="runner_schema", node=RunnerConfig)
+
+
+_CHOICES = {
+    "policy.name": ("vanilla", "bild"),
+    "policy.which": ("large", "small"),
+    "pair.dtype": ("float32", "bfloat16", "float16"),
+    "pair.device": ("cpu", "cuda", "auto"),
+    "task.data_source": ("auto", "local", "hub", "builtin"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """One-line errors for values the schema's types cannot catch."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise BildexpError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    p = cfg.policy
+    if not 0.0 <= p.fallback_threshold <= 1.0:
+        raise BildexpError(f"policy.fallback_threshold={p.fallback_threshold} is out of range: use a probability in [0, 1]")
+    if p.rollback_threshold < 0.0:
+        raise BildexpError(f"policy.rollback_threshold={p.rollback_threshold} is out of range: use a cross-entropy >= 0")
+    if p.max_small_steps < 1:
+        raise BildexpError(f"policy.max_small_steps={p.max_small_steps} must be >= 1")
+    if not 0.0 < p.top_p <= 1.0:
+        raise BildexpError(f"policy.top_p={p.top_p} is out of range: use a value in (0, 1]")
+    if p.temperature <= 0.0:
+        raise BildexpError(f"policy.temperature={p.temperature} must be > 0")
+    if cfg.task.max_new_tokens < 1 or cfg.task.max_source_tokens < 1:
+        raise BildexpError("task.max_new_tokens and task.max_source_tokens must be >= 1")
+    if cfg.runner.limit is not None and cfg.runner.limit < 1:
+        raise BildexpError(f"runner.limit={cfg.runner.limit} must be >= 1 (or null for all examples)")
+    if cfg.pair.threads < 1:
+        raise BildexpError(f"pair.threads={cfg.pair.threads} must be >= 1")
+    return cfg
+
+
+def to_config(dcfg: DictConfig | Config) -> Config:
+    """DictConfig from Hydra (already schema-checked) → plain, validated dataclasses."""
+    if isinstance(dcfg, Config):
+        return validate(dcfg)
+    obj: Any = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dcfg))
+    return validate(obj)

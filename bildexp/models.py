@@ -1,0 +1,147 @@
+"""Load a model pair (hub id, local folder or project-built tiny pair), check vocabularies, set dtype/device.
+
+A pair is a large and a small model that share one vocabulary, both encoder-decoder or both
+decoder-only. Loading errors become one-line `BildexpError`s that say what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+
+from bildexp import BildexpError
+from bildexp.config import PairConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN = "builtin:"
+
+
+@dataclass
+class ModelPair:
+    large: PreTrainedModel
+    small: PreTrainedModel
+    tokenizer: object
+    is_encoder_decoder: bool
+    eos_token_id: int
+    decoder_start_token_id: int | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BildexpError("pair.device=cuda but no CUDA device is visible: use pair.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_path(name: str) -> str:
+    """builtin:<pair>/<role> → the folder of a project-built tiny model (built on first use)."""
+    if not name.startswith(BUILTIN):
+        return name
+    from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
+
+    pair, _, role = name[len(BUILTIN) :].partition("/")
+    if pair not in TINY_PAIRS or role not in ("large", "small"):
+        raise BildexpError(f"unknown built-in model {name!r}: use builtin:<{'|'.join(TINY_PAIRS)}>/<large|small>")
+    return str(ensure_tiny_pair(pair) / role)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_error(name: str, what: str, err: Exception) -> BildexpError:
+    if Path(name).exists():
+        return BildexpError(f"cannot load {what} from folder {name}: {str(err).splitlines()[0]}")
+    if _offline():
+        hint = "the HF hub is off (HF_HUB_OFFLINE=1)"
+    else:
+        hint = "the HF hub is unreachable or the id is wrong"
+    return BildexpError(
+        f"cannot load {what} {name!r}: {hint}; download it on a machine with network access "
+        f"(huggingface-cli download {name}) or set the pair's path to a local folder"
+    )
+
+
+def load_model(name: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    path = resolve_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = cls.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(path, "model", err) from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str):
+    path = resolve_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _load_error(path, "tokenizer", err) from None
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocabularies(cfg: PairConfig, large, small, tokenizer) -> None:
+    """Same architecture family, same vocabulary size, and the same ids for a sample of tokens."""
+    if large.config.is_encoder_decoder != small.config.is_encoder_decoder:
+        raise BildexpError(f"pair {cfg.name}: one model is encoder-decoder and the other is not; pick two of one kind")
+    vl, vs = _vocab_size(large), _vocab_size(small)
+    if vl != vs:
+        raise BildexpError(f"vocabulary mismatch in pair {cfg.name}: large has {vl} rows, small {vs}; use models with one tokenizer")
+    if cfg.tokenizer is not None:
+        return  # one explicit tokenizer serves both models
+    try:
+        small_tok = AutoTokenizer.from_pretrained(resolve_path(cfg.small))
+    except (OSError, ValueError):
+        return  # the small model ships no tokenizer of its own: the large one's is used
+    n = min(len(tokenizer), len(small_tok))
+    sample = sorted({int(i) for i in torch.linspace(0, n - 1, steps=min(n, 256))})
+    a, b = tokenizer.convert_ids_to_tokens(sample), small_tok.convert_ids_to_tokens(sample)
+    diff = [i for i, x, y in zip(sample, a, b) if x != y]
+    if len(tokenizer) != len(small_tok) or diff:
+        raise BildexpError(
+            f"vocabulary mismatch in pair {cfg.name}: the tokenizers differ (sizes {len(tokenizer)} vs {len(small_tok)}, "
+            f"{len(diff)} of {len(sample)} sampled ids); set pair.tokenizer to one shared tokenizer or use matching models"
+        )
+
+
+def load_pair(cfg: PairConfig) -> ModelPair:
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES[cfg.dtype]
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.large)
+    large = load_model(cfg.large, dtype, device)
+    small = load_model(cfg.small, dtype, device)
+    check_vocabularies(cfg, large, small, tokenizer)
+    gen = large.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0]
+    if eos is None:
+        raise BildexpError(f"pair {cfg.name}: neither the large model nor the tokenizer defines an eos token")
+    start = large.config.decoder_start_token_id if large.config.is_encoder_decoder else None
+    return ModelPair(large, small, tokenizer, bool(large.config.is_encoder_decoder), int(eos), start, device, dtype)
+
+
+class PairCache:
+    """Keeps loaded pairs across the jobs of one multirun (Hydra runs them in one process)."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple, ModelPair] = {}
+
+    def get(self, cfg: PairConfig) -> ModelPair:
+        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device)
+        if key not in self._pairs:
+            self._pairs.clear()  # one pair in memory at a time
+            self._pairs[key] = load_pair(cfg)
+        return self._pairs[key]

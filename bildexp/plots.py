@@ -1,0 +1,289 @@
+"""Results CSV → the paper's Figure 4 (quality vs normalised latency) and Table 1 (best speedups).
+
+This module owns every view built from a results CSV: finding the vanilla-large baseline of each
+(task, device, dtype) group, speedups against it, the Figure-4 scatter and the Table-1 Markdown.
+Everything is a pure function of a DataFrame except `save_*` and `make_all`, which touch disk.
+Figures are built on `matplotlib.figure.Figure` directly, never through pyplot, so importing this
+module selects no backend and registers no global figure (savefig renders with Agg).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.colors as mcolors
+import matplotlib.lines as mlines
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bildexp import BildexpError
+
+# Speedups only compare runs on the same task, hardware and numeric precision.
+GROUP = ["task", "device", "dtype"]
+# The paper's "within ~1 point" quality band, in headline-score points.
+ONE_POINT = 1.0
+
+_MARKERS = ["o", "s", "^", "D", "v", "P"]
+
+
+class MissingBaselineError(BildexpError, ValueError):
+    """A (task, device, dtype) group has no vanilla-large row to normalise against."""
+
+
+def _as_bool(col: pd.Series) -> pd.Series:
+    # A CSV column read back may hold bools, "True"/"False" strings or blanks; blanks mean greedy.
+    text = col.astype("string").str.strip().str.lower()
+    return text.isin(["true", "1", "1.0", "yes"]).astype(bool)
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    out["sampling"] = _as_bool(out["sampling"]) if "sampling" in out else False
+    out["which"] = out["which"].astype("string").fillna("")
+    out["_time"] = pd.to_datetime(out["time"], utc=True, format="ISO8601")
+    return out
+
+
+def _group_name(key: tuple) -> str:
+    return "task={} device={} dtype={}".format(*key)
+
+
+def _vanilla(df: pd.DataFrame, which: str) -> pd.DataFrame:
+    """The latest greedy vanilla row of each group for one model size (`which`); may miss groups."""
+    df = _normalise(df)
+    rows = df[(df["policy"] == "vanilla") & (df["which"] == which) & ~df["sampling"]]
+    # Re-running a baseline appends a row; the newest one reflects the current code.
+    rows = rows.sort_values("_time").groupby(GROUP, dropna=False, sort=True).tail(1)
+    return rows.drop(columns="_time").sort_values(GROUP).reset_index(drop=True)
+
+
+def baseline_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One vanilla-large greedy row per (task, device, dtype) group; raises if a group lacks one."""
+    base = _vanilla(df, "large")
+    have = set(base[GROUP].itertuples(index=False, name=None))
+    for key, rows in df.groupby(GROUP, dropna=False, sort=True):
+        if key not in have:
+            pair = sorted(rows["pair"].dropna().astype(str).unique())
+            pair_arg = pair[0] if pair else "<pair>"
+            raise MissingBaselineError(
+                f"no vanilla-large baseline for {_group_name(key)}; run: bildexp run "
+                f"task={key[0]} pair={pair_arg} policy=vanilla policy.which=large "
+                f"pair.device={key[1]} pair.dtype={key[2]}"
+            )
+    return base
+
+
+def with_speedup(df: pd.DataFrame) -> pd.DataFrame:
+    """Adds normalized_latency, speedup and quality_delta against each group's vanilla-large row."""
+    base = baseline_rows(df)[GROUP + ["latency_ms_mean", "headline_score", "headline_metric"]]
+    base = base.rename(columns=lambda c: c if c in GROUP else f"_base_{c}")
+    out = df.merge(base, on=GROUP, how="left", validate="many_to_one")
+    mixed = out[out["headline_metric"].notna()
+                & (out["headline_metric"] != out["_base_headline_metric"])]
+    if len(mixed):
+        # A rougeL score minus a rougeLsum baseline is a meaningless delta: refuse rather than plot it.
+        row = mixed.iloc[0]
+        raise ValueError(
+            f"run {row['run_id']} reports {row['headline_metric']} but the baseline of "
+            f"{_group_name(tuple(row[GROUP]))} reports {row['_base_headline_metric']}; "
+            "re-run one of them with the same metric"
+        )
+    out["normalized_latency"] = out["latency_ms_mean"] / out["_base_latency_ms_mean"]
+    out["speedup"] = 1.0 / out["normalized_latency"]
+    out["quality_delta"] = out["headline_score"] - out["_base_headline_score"]
+    return out.drop(columns=[c for c in out.columns if c.startswith("_base_")])
+
+
+def _fmt(x: float) -> str:
+    # Thresholds print as written in configs (0.6, 2), never 0.6000000000000001 or 2.0.
+    return f"{float(x):g}"
+
+
+def _thresholds(row: pd.Series) -> str:
+    if pd.isna(row.get("rollback_threshold")) and pd.isna(row.get("fallback_threshold")):
+        return ""
+    return f"({_fmt(row['rollback_threshold'])}, {_fmt(row['fallback_threshold'])})"
+
+
+def _pair_variant(pairs: pd.Series) -> pd.Series:
+    """What sets a pair apart from the other pairs of its group ("aligned"), or "" if it is alone.
+
+    Pair names differ per task anyway; stripping the group's common prefix lets "mt5-iwslt" and
+    "mt5-iwslt-aligned" become the paper's two BiLD rows, shared across tasks.
+    """
+    names = pairs.astype(str)
+    stem = os.path.commonprefix(sorted(names.unique()))
+    return names.str[len(stem):].str.strip("-_ ./")
+
+
+def _methods(df: pd.DataFrame) -> pd.DataFrame:
+    """Non-vanilla rows with speedups and a `series` label: policy, pair variant, sampling."""
+    rows = _normalise(with_speedup(df))
+    rows = rows[rows["policy"] != "vanilla"].dropna(subset=["headline_score", "latency_ms_mean"])
+    variant = rows.groupby(GROUP + ["policy"], dropna=False)["pair"].transform(_pair_variant)
+    rows["series"] = [", ".join([str(p)] + ([v] if v else []) + (["sampling"] if smp else []))
+                      for p, v, smp in zip(rows["policy"], variant, rows["sampling"])]
+    return rows
+
+
+def table1_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as data: per group and series, the fastest "no loss" and "within 1 point" rows.
+
+    Returns one row per (group, series, criterion) with criterion in {"no loss", "within 1 point"};
+    groups where no run qualifies are left out (table1 prints them as "—").
+    """
+    base = with_speedup(baseline_rows(df))
+    methods = _methods(df)
+    picked = []
+    for _, b in base.iterrows():
+        same = (methods[GROUP] == b[GROUP].values).all(axis=1)
+        for series, rows in methods[same].groupby("series", sort=True):
+            for criterion, floor in (("no loss", b["headline_score"]),
+                                     ("within 1 point", b["headline_score"] - ONE_POINT)):
+                ok = rows[rows["headline_score"] >= floor]
+                if len(ok):
+                    # Fastest first; on equal speed the better score wins.
+                    best = ok.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
+                    picked.append(best.to_dict() | {"criterion": criterion})
+    cols = list(methods.columns) + ["criterion"]
+    return pd.DataFrame(picked, columns=cols).drop(columns="_time").reset_index(drop=True)
+
+
+def table1(df: pd.DataFrame) -> str:
+    """BiLD Table 1 as Markdown: one column per group, rows vanilla large then each series' picks."""
+    base = with_speedup(baseline_rows(df))
+    picks = table1_frame(df)
+    keys = [tuple(k) for k in base[GROUP].itertuples(index=False)]
+    header = ["run"] + [f"{t} / {d} / {p} ({m})"
+                        for (t, d, p), m in zip(keys, base["headline_metric"])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append("| vanilla large | " + " | ".join(
+        f"{s:.2f}, 1.00x" for s in base["headline_score"]) + " |")
+    for series in sorted(_methods(df)["series"].unique()):
+        for criterion in ("no loss", "within 1 point"):
+            cells = []
+            for key in keys:
+                hit = picks[(picks["series"] == series) & (picks["criterion"] == criterion)
+                            & (picks[GROUP] == list(key)).all(axis=1)]
+                if len(hit):
+                    r = hit.iloc[0]
+                    cells.append(f"{r['headline_score']:.2f}, {r['speedup']:.2f}x, {_thresholds(r)}"
+                                 .rstrip(", "))
+                else:
+                    cells.append("—")
+            lines.append(f"| {series}, {criterion} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: headline score, speedup over vanilla large (same task, device, dtype), "
+                 f"(rollback, fallback) thresholds. \"within 1 point\" = score ≥ baseline − {_fmt(ONE_POINT)}.")
+    return "\n".join(lines) + "\n"
+
+
+def _draw_group(ax, methods: pd.DataFrame, base: pd.Series, small: pd.Series | None,
+                series_marker: dict, rb_color: dict) -> None:
+    score = base["headline_score"]
+    ax.axhline(score, color="0.3", lw=1, zorder=1)
+    ax.axhline(score - ONE_POINT, color="0.3", lw=1, ls="--", zorder=1)
+    for series, rows in methods.groupby("series", sort=True):
+        for rb, pts in rows.groupby(rows["rollback_threshold"].fillna(-1.0), sort=True):
+            pts = pts.sort_values("normalized_latency")
+            color = rb_color.get(rb, "0.5")
+            # A thin line through one rollback threshold shows the fallback sweep as a curve.
+            ax.plot(pts["normalized_latency"], pts["headline_score"], color=color, lw=0.6,
+                    alpha=0.6, zorder=2)
+            ax.scatter(pts["normalized_latency"], pts["headline_score"], color=color,
+                       marker=series_marker[series], s=30, edgecolor="k", lw=0.4, zorder=3)
+            for _, p in pts.iterrows():
+                if not pd.isna(p["fallback_threshold"]):
+                    ax.annotate(_fmt(p["fallback_threshold"]), (p["normalized_latency"],
+                                p["headline_score"]), xytext=(3, 3), textcoords="offset points",
+                                fontsize=6, color="0.25")
+    ax.scatter([1.0], [score], marker="X", s=90, color="k", zorder=4)
+    # The y range follows BiLD and the quality lines; a far-worse small model would squash them.
+    ys = pd.concat([methods["headline_score"], pd.Series([score, score - ONE_POINT])])
+    pad = 0.08 * max(ys.max() - ys.min(), ONE_POINT)
+    lo, hi = ys.min() - pad, ys.max() + pad
+    ax.set_ylim(lo, hi)
+    if small is not None:
+        y = small["headline_score"]
+        off_scale = y < lo
+        ax.scatter([small["normalized_latency"]], [max(y, lo + pad / 2)], marker="*", s=130,
+                   color="tab:red", edgecolor="k", lw=0.4, zorder=4, clip_on=False)
+        if off_scale:
+            ax.annotate(f"{y:.2f} (off scale)", (small["normalized_latency"], lo + pad / 2),
+                        xytext=(8, -3), textcoords="offset points", fontsize=7, color="tab:red")
+    ax.set_xlabel("latency / vanilla large latency")
+    ax.set_ylabel(str(base["headline_metric"]))
+    ax.set_title("{} / {} / {}".format(*base[GROUP]), fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def _legend_handles(series_marker: dict, rb_color: dict, has_small: bool) -> list:
+    def h(label, **kw):
+        return mlines.Line2D([], [], ls="none", label=label, **kw)
+
+    handles = [h("vanilla large", marker="X", color="k", ms=9)]
+    if has_small:
+        handles.append(h("vanilla small", marker="*", color="tab:red", mec="k", ms=11))
+    handles += [h(s, marker=m, color="w", mec="k", ms=7) for s, m in series_marker.items()]
+    handles += [h(f"rollback {_fmt(rb)}" if rb >= 0 else "no rollback", marker="o", color=c,
+                  mec="k", ms=7) for rb, c in rb_color.items()]
+    handles += [mlines.Line2D([], [], color="0.3", label="vanilla large quality"),
+                mlines.Line2D([], [], color="0.3", ls="--", label=f"−{_fmt(ONE_POINT)} point")]
+    return handles
+
+
+def figure4(df: pd.DataFrame) -> Figure:
+    """BiLD Figure 4: per group, score vs normalised latency; labels next to points = fallback."""
+    base = with_speedup(baseline_rows(df))
+    full = _normalise(with_speedup(df))
+    small = _vanilla(full, "small")
+    methods = _methods(df)
+    series_marker = {s: _MARKERS[i % len(_MARKERS)]
+                     for i, s in enumerate(sorted(methods["series"].unique()))}
+    rbs = sorted(methods["rollback_threshold"].fillna(-1.0).unique())
+    cmap = mcolors.ListedColormap(["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e",
+                                   "#e6ab02", "#a6761d", "#1f78b4"])
+    rb_color = {rb: cmap(i % cmap.N) if rb >= 0 else "0.6" for i, rb in enumerate(rbs)}
+
+    n = len(base)
+    ncols = min(n, 2)
+    nrows = int(np.ceil(n / ncols))
+    fig = Figure(figsize=(5.2 * ncols + 1.8, 4.0 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax, (_, b) in zip(axes, base.iterrows()):
+        key = list(b[GROUP])
+        s = small[(small[GROUP] == key).all(axis=1)]
+        _draw_group(ax, methods[(methods[GROUP] == key).all(axis=1)], b,
+                    s.iloc[0] if len(s) else None, series_marker, rb_color)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    # One shared legend outside the axes, so it never hides a point.
+    fig.legend(handles=_legend_handles(series_marker, rb_color, len(small) > 0),
+               loc="outside right upper", fontsize=8, title="labels at points: fallback",
+               title_fontsize=8)
+    return fig
+
+
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Writes `<stem>.png` and `<stem>.pdf`; returns both paths."""
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths
+
+
+def save_table(text: str, path: Path) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def make_all(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Reads a results CSV; writes <stem>_figure4.png/.pdf and <stem>_table1.md into out_dir."""
+    csv_path, out_dir = Path(csv_path), Path(out_dir)
+    df = pd.read_csv(csv_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = save_figure(figure4(df), out_dir / f"{csv_path.stem}_figure4")
+    paths.append(save_table(table1(df), out_dir / f"{csv_path.stem}_table1.md"))
+    return paths

@@ -1,0 +1,17 @@
+"""Policy registry: `policy.name` in the config → policy class."""
+
+from __future__ import annotations
+
+from bildexp.config import PolicyConfig
+from bildexp.policies.base import Generation, Policy, Prompt
+from bildexp.policies.bild import BiLD
+from bildexp.policies.vanilla import Vanilla
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Vanilla, BiLD)}
+
+
+def make_policy(cfg: PolicyConfig) -> Policy:
+    return POLICIES[cfg.name](cfg)
+
+
+__all__ = ["Generation", "POLICIES", "Policy", "Prompt", "make_policy"]

@@ -1,0 +1,20 @@
+"""Vanilla autoregressive decoding with one model of the pair (the baseline every speedup is against)."""
+
+from __future__ import annotations
+
+from bildexp.cache import ModelState
+from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence
+
+
+class Vanilla(Policy):
+    name = "vanilla"
+
+    def begin(self, pair, prompt: Prompt) -> None:
+        model = pair.large if self.cfg.which == "large" else pair.small
+        self.source = LARGE if self.cfg.which == "large" else SMALL
+        self.state = ModelState(model, prompt.encoder_input_ids)
+
+    def step(self, seq: Sequence) -> None:
+        logits = self.state.advance(seq.span(self.state.length))  # [1, V]
+        self.counters[f"{self.cfg.which}_calls"] += 1
+        seq.append(self.choose(logits[-1]), self.source)

@@ -1,0 +1,151 @@
+"""Run ids, provenance, and result files: per-example JSONL and the one-row-per-run CSV, resumable.
+
+Layout under runner.output_dir:
+    <experiment_name>.csv                          one summary row per completed run
+    runs/<experiment_name>/<run_id>/config.json    the resolved config
+    runs/<experiment_name>/<run_id>/generations.jsonl   one line per example, appended as it finishes
+
+A run id is a pure function of the config values that change results, so an interrupted sweep is
+resumed by running the same command again: complete runs are skipped (unless runner.force=true),
+a partial run continues after its last written example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from bildexp.config import Config
+
+# Config values that say where or how loudly to run, not what is measured.
+_NOT_IN_ID = {"output_dir", "force", "progress"}
+# Section-level `name` fields become these columns.
+_NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
+
+
+def fmt(x: object) -> str:
+    """Canonical text of a value: shortest round-trip floats (0.6, never 0.6000000000000001), 2.0 → 2."""
+    if isinstance(x, float):
+        s = repr(x)
+        return s[:-2] if s.endswith(".0") else s
+    return str(x)
+
+
+def config_columns(cfg: Config) -> dict[str, object]:
+    """Every config value under its config name: fallback_threshold, rollback_threshold, dtype, ..."""
+    cols: dict[str, object] = {"experiment": cfg.experiment_name}
+    for section in ("task", "pair", "policy", "runner"):
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if key in _NOT_IN_ID:
+                continue
+            name = _NAME_COLUMNS[section] if key == "name" else key
+            if name in cols:
+                raise AssertionError(f"config name {name!r} appears in two sections")
+            cols[name] = value
+    return cols
+
+
+def policy_label(cfg: Config) -> str:
+    p = cfg.policy
+    if p.name == "vanilla":
+        label = f"vanilla-{p.which}"
+    elif p.name == "bild":
+        label = f"bild-fb{fmt(p.fallback_threshold)}-rb{fmt(p.rollback_threshold)}-ms{p.max_small_steps}"
+    else:
+        label = p.name
+    if p.sampling:
+        label += f"-topp{fmt(p.top_p)}-temp{fmt(p.temperature)}-seed{p.seed}"
+    return label
+
+
+def run_id(cfg: Config) -> str:
+    cols = config_columns(cfg)
+    digest = hashlib.sha256(json.dumps({k: fmt(v) for k, v in cols.items()}, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.task.name}.{cfg.pair.name}.{policy_label(cfg)}.{cfg.pair.dtype}.{digest}"
+
+
+def git_sha() -> str:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(device, dtype: str, threads: int) -> dict[str, object]:
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "git_sha": git_sha(),
+        "device": device.type,
+        "device_name": name,
+        "dtype": dtype,
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class RunFiles:
+    """The files of one run: config, per-example JSONL (resumable) and the experiment CSV."""
+
+    def __init__(self, output_dir: str | Path, experiment: str, rid: str):
+        self.root = Path(output_dir)
+        self.csv = self.root / f"{experiment}.csv"
+        self.dir = self.root / "runs" / experiment / rid
+        self.generations = self.dir / "generations.jsonl"
+        self.rid = rid
+
+    def completed_row(self) -> dict | None:
+        if not self.csv.is_file():
+            return None
+        df = pd.read_csv(self.csv)
+        hit = df[df["run_id"] == self.rid]
+        return None if hit.empty else hit.iloc[-1].to_dict()
+
+    def start(self, cfg: Config, force: bool) -> list[dict]:
+        """Create the run folder; return the examples already written (none when forced)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if force or not self.generations.is_file():
+            self.generations.write_text("")
+            return []
+        records = []
+        for line in self.generations.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by an interruption: that example is decoded again
+        # Rewrite without the cut line so appends continue on a clean file.
+        self.generations.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        return records
+
+    def append(self, record: dict) -> None:
+        with self.generations.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def write_row(self, row: dict) -> None:
+        """Add (or, when forced, replace) this run's row; written atomically so a crash never cuts the CSV."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        new = pd.DataFrame([row])
+        if self.csv.is_file():
+            old = pd.read_csv(self.csv)
+            old = old[old["run_id"] != self.rid]
+            new = pd.concat([old, new], ignore_index=True) if not old.empty else new
+        tmp = self.csv.with_suffix(".csv.tmp")
+        new.to_csv(tmp, index=False)
+        os.replace(tmp, self.csv)

@@ -1,0 +1,111 @@
+"""Run one configuration: examples × policy → per-example records → one summary row.
+
+The runner owns everything around `Policy.decode`: tokenization (before the clock starts), warm-up,
+timing, detokenization, scoring, the result files, the progress bar and the printed summary.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from bildexp import metrics
+from bildexp.config import Config
+from bildexp.models import PairCache
+from bildexp.policies import make_policy
+from bildexp.results import RunFiles, config_columns, provenance, run_id
+from bildexp.tasks import decode, encode, load_task
+from bildexp.timing import Stopwatch, apply_threads
+
+# Counters summed over examples into the CSV row (absent counters count as 0).
+SUM_COUNTERS = ("output_tokens", "small_steps", "small_tokens", "large_calls", "fallbacks", "rollbacks", "tokens_rolled_back")
+
+
+def example_seed(base: int, index: int) -> int:
+    # Each example gets its own stream, so resuming a sampled run reproduces the same outputs.
+    return base * 1_000_003 + index
+
+
+def summarize(records: list[dict]) -> dict[str, object]:
+    lat = np.array([r["latency_ms"] for r in records], dtype=float)
+    sums = {k: int(sum(r["counters"].get(k, 0) for r in records)) for k in SUM_COUNTERS}
+    n_tokens = sums["output_tokens"]
+    large_tokens = sum(r["provenance"].count("L") for r in records)
+    row: dict[str, object] = {
+        "n_examples": len(records),
+        "latency_ms_mean": float(lat.mean()),
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p90": float(np.percentile(lat, 90)),
+        "latency_ms_per_token": float(lat.sum() / max(n_tokens, 1)),
+        "output_tokens_mean": n_tokens / len(records),
+        **sums,
+        # Share of output tokens the large model produced (paper Figure 9).
+        "large_token_share": large_tokens / max(n_tokens, 1),
+        "truncated_sources": int(sum(r["truncated"] for r in records)),
+    }
+    # Rates: fallbacks per small-model decision; rolled-back tokens per small token kept at first.
+    row["fallback_rate"] = sums["fallbacks"] / sums["small_steps"] if sums["small_steps"] else 0.0
+    row["rollback_rate"] = sums["tokens_rolled_back"] / sums["small_tokens"] if sums["small_tokens"] else 0.0
+    return row
+
+
+def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
+    """Run (or resume, or skip) one configuration; return its CSV row."""
+    rid = run_id(cfg)
+    files = RunFiles(cfg.runner.output_dir, cfg.experiment_name, rid)
+    done_row = None if cfg.runner.force else files.completed_row()
+    if done_row is not None:
+        print(f"skip {rid}: already in {files.csv} (runner.force=true to run it again)", file=sys.stderr)
+        return done_row
+
+    threads = apply_threads(cfg.pair.threads)
+    data = load_task(cfg.task, cfg.runner.limit)
+    pair = pairs.get(cfg.pair)
+    policy = make_policy(cfg.policy)
+    prompts = [encode(ex, cfg.task, pair) for ex in data.examples]
+
+    records = files.start(cfg, cfg.runner.force)
+    done = {r["id"] for r in records}
+    todo = [i for i, ex in enumerate(data.examples) if ex.id not in done]
+    # Warm-up: decode the first examples once, untimed and unrecorded (allocator, caches, lazy init).
+    for prompt, _ in prompts[: min(cfg.runner.warmup, len(todo))]:
+        policy.decode(pair, prompt, cfg.task.max_new_tokens, seed=0)
+
+    bar = tqdm(todo, desc=rid, unit="ex", disable=not cfg.runner.progress, file=sys.stderr, dynamic_ncols=True)
+    for i in bar:
+        ex, (prompt, truncated) = data.examples[i], prompts[i]
+        with Stopwatch(pair.device) as sw:
+            gen = policy.decode(pair, prompt, cfg.task.max_new_tokens, seed=example_seed(cfg.policy.seed, i))
+        record = {
+            "id": ex.id,
+            "hypothesis": decode(gen.tokens, pair),
+            "reference": ex.reference,
+            "latency_ms": sw.ms,
+            "counters": gen.counters,
+            "provenance": gen.provenance,
+            "truncated": truncated,
+            "tokens": gen.tokens,
+        }
+        files.append(record)
+        records.append(record)
+        bar.set_postfix(ms=f"{sw.ms:.0f}", tok=len(gen.tokens))
+    bar.close()
+
+    order = {ex.id: i for i, ex in enumerate(data.examples)}
+    records.sort(key=lambda r: order[r["id"]])
+    scores = metrics.score(cfg.task.metric, [r["hypothesis"] for r in records], [r["reference"] for r in records])
+    row = {
+        "run_id": rid,
+        **config_columns(cfg),
+        "data": data.data_source,
+        "data_split": data.split,
+        "headline_metric": cfg.task.metric,
+        "headline_score": scores[cfg.task.metric],
+        **scores,
+        **summarize(records),
+        **provenance(pair.device, cfg.pair.dtype, threads),
+    }
+    files.write_row(row)
+    return row

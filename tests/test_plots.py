@@ -1,0 +1,155 @@
+"""Tests for bildexp.plots on a hand-built results table whose expected picks are worked out below."""
+
+import pandas as pd
+import pytest
+
+from bildexp import plots
+
+COLS = ["experiment", "run_id", "task", "pair", "policy", "which", "sampling", "fallback_threshold",
+        "rollback_threshold", "device", "dtype", "threads", "n_examples", "headline_metric",
+        "headline_score", "latency_ms_mean", "latency_ms_p50", "latency_ms_p90", "fallback_rate",
+        "rollback_rate", "time"]
+NAN = float("nan")
+
+
+def _row(task, pair, metric, policy, which, fb, rb, score, latency, minute=10, device="cuda"):
+    return {
+        "experiment": "fig4", "run_id": f"{task}-{policy}-{which}-{rb}-{fb}-{minute}", "task": task,
+        "pair": pair, "policy": policy, "which": which, "sampling": False,
+        "fallback_threshold": fb, "rollback_threshold": rb, "device": device, "dtype": "float16",
+        "threads": 4, "n_examples": 100, "headline_metric": metric, "headline_score": score,
+        "latency_ms_mean": latency, "latency_ms_p50": latency, "latency_ms_p90": latency * 1.2,
+        "fallback_rate": NAN if policy == "vanilla" else 0.1, "rollback_rate": NAN if policy == "vanilla" else 0.02,
+        "time": f"2025-01-01T12:{minute:02d}:00+00:00",
+    }
+
+
+def results() -> pd.DataFrame:
+    iw = ("iwslt2017", "mt5-iwslt", "bleu")
+    xs = ("xsum", "t5-xsum", "rougeL")
+    rows = [
+        # An older, slower baseline run: the newer one (1000 ms, 40.0) must win.
+        _row(*iw, "vanilla", "large", NAN, NAN, 39.0, 2000.0, minute=1),
+        _row(*iw, "vanilla", "large", NAN, NAN, 40.0, 1000.0, minute=5),
+        _row(*iw, "vanilla", "small", NAN, NAN, 35.0, 400.0),
+        #            fb   rb   score latency   speedup  vs 40.0
+        _row(*iw, "bild", None, 0.9, 1.0, 40.5, 900.0),   # 1.11x   no loss, slow
+        _row(*iw, "bild", None, 0.6, 2.0, 40.3, 700.0),   # 1.43x   no loss
+        _row(*iw, "bild", None, 0.4, 2.0, 40.0, 600.0),   # 1.67x   no loss (equal): the pick
+        _row(*iw, "bild", None, 0.5, 3.0, 39.5, 550.0),   # 1.82x   within 1
+        _row(*iw, "bild", None, 0.3, 3.0, 39.0, 500.0),   # 2.00x   within 1 (exactly −1): the pick
+        _row(*iw, "bild", None, 0.2, 5.0, 38.5, 450.0),   # 2.22x   too lossy
+        _row(*xs, "vanilla", "large", NAN, NAN, 35.0, 2000.0),
+        _row(*xs, "bild", None, 0.5, 3.0, 35.2, 1000.0),  # 2.00x   no loss: the pick
+        _row(*xs, "bild", None, 0.3, 5.0, 34.5, 800.0),   # 2.50x   within 1: the pick
+        _row(*xs, "bild", None, 0.2, 6.0, 33.0, 700.0),   # 2.86x   too lossy
+    ]
+    return pd.DataFrame(rows, columns=COLS)
+
+
+def _md_rows(md: str) -> dict[str, list[str]]:
+    out = {}
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[cells[0]] = cells[1:]
+    return out
+
+
+def test_baseline_is_latest_vanilla_large_per_group():
+    base = plots.baseline_rows(results())
+    assert list(base["task"]) == ["iwslt2017", "xsum"]
+    assert list(base["latency_ms_mean"]) == [1000.0, 2000.0]
+    assert list(base["headline_score"]) == [40.0, 35.0]
+
+
+def test_speedup_against_same_task_baseline():
+    df = plots.with_speedup(results())
+    r = df[(df["task"] == "iwslt2017") & (df["fallback_threshold"] == 0.6)].iloc[0]
+    assert r["normalized_latency"] == pytest.approx(0.7)
+    assert r["speedup"] == pytest.approx(1000.0 / 700.0)
+    assert r["quality_delta"] == pytest.approx(0.3)
+    small = df[df["which"] == "small"].iloc[0]
+    assert small["speedup"] == pytest.approx(2.5)
+    # xsum rows divide by xsum's 2000 ms baseline, not iwslt's 1000 ms.
+    x = df[(df["task"] == "xsum") & (df["rollback_threshold"] == 5.0)].iloc[0]
+    assert x["speedup"] == pytest.approx(2.5)
+    assert x["quality_delta"] == pytest.approx(-0.5)
+
+
+def test_table1_picks_fastest_no_loss_and_within_one_point():
+    picks = plots.table1_frame(results()).set_index(["task", "criterion"])
+    got = {k: (r["rollback_threshold"], r["fallback_threshold"], round(r["speedup"], 2))
+           for k, r in picks.iterrows()}
+    assert got == {
+        ("iwslt2017", "no loss"): (2.0, 0.4, 1.67),
+        ("iwslt2017", "within 1 point"): (3.0, 0.3, 2.0),
+        ("xsum", "no loss"): (3.0, 0.5, 2.0),
+        ("xsum", "within 1 point"): (5.0, 0.3, 2.5),
+    }
+
+
+def test_table1_markdown_cells():
+    rows = _md_rows(plots.table1(results()))
+    assert rows["run"] == ["iwslt2017 / cuda / float16 (bleu)", "xsum / cuda / float16 (rougeL)"]
+    assert rows["vanilla large"] == ["40.00, 1.00x", "35.00, 1.00x"]
+    assert rows["bild, no loss"] == ["40.00, 1.67x, (2, 0.4)", "35.20, 2.00x, (3, 0.5)"]
+    assert rows["bild, within 1 point"] == ["39.00, 2.00x, (3, 0.3)", "34.50, 2.50x, (5, 0.3)"]
+
+
+def test_table1_separates_policies_and_dashes_when_none_qualifies():
+    df = results()
+    spec = _row("iwslt2017", "mt5-iwslt", "bleu", "speculative", None, NAN, NAN, 38.0, 800.0)
+    rows = _md_rows(plots.table1(pd.concat([df, pd.DataFrame([spec])], ignore_index=True)))
+    assert rows["bild, no loss"][0] == "40.00, 1.67x, (2, 0.4)"
+    # 38.0 is 2 points below 40.0; xsum has no speculative run at all.
+    assert rows["speculative, no loss"] == ["—", "—"]
+    assert rows["speculative, within 1 point"] == ["—", "—"]
+
+
+def test_missing_baseline_names_group_and_command():
+    df = results()
+    df = df[~((df["task"] == "xsum") & (df["policy"] == "vanilla"))]
+    with pytest.raises(ValueError, match=r"task=xsum device=cuda dtype=float16") as err:
+        plots.with_speedup(df)
+    assert "bildexp run task=xsum pair=t5-xsum policy=vanilla policy.which=large" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_baseline_does_not_cross_devices():
+    df = results()
+    cpu = _row("iwslt2017", "mt5-iwslt", "bleu", "bild", None, 0.6, 2.0, 40.3, 7000.0, device="cpu")
+    with pytest.raises(ValueError, match=r"task=iwslt2017 device=cpu dtype=float16"):
+        plots.baseline_rows(pd.concat([df, pd.DataFrame([cpu])], ignore_index=True))
+
+
+def test_figure4_axes():
+    fig = plots.figure4(results())
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["iwslt2017 / cuda / float16", "xsum / cuda / float16"]
+    assert [ax.get_ylabel() for ax in axes] == ["bleu", "rougeL"]
+    # Solid line at baseline quality, dashed one point below.
+    hlines = sorted(l.get_ydata()[0] for l in axes[0].get_lines() if list(l.get_xdata()) == [0, 1])
+    assert hlines == [39.0, 40.0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"vanilla large", "vanilla small", "bild", "rollback 2", "rollback 5"} <= set(labels)
+
+
+def test_make_all_writes_files(tmp_path):
+    csv = tmp_path / "fig4.csv"
+    results().to_csv(csv, index=False)
+    paths = plots.make_all(csv, tmp_path / "out")
+    assert [p.name for p in paths] == ["fig4_figure4.png", "fig4_figure4.pdf", "fig4_table1.md"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+    assert all(p.stat().st_size > 1000 for p in paths[:2])
+    md = paths[2].read_text()
+    assert "40.00, 1.67x, (2, 0.4)" in md
+
+
+def test_aligned_pair_is_its_own_series():
+    df = results()
+    aligned = _row("iwslt2017", "mt5-iwslt-aligned", "bleu", "bild", None, 0.9, 3.0, 40.1, 550.0)
+    rows = _md_rows(plots.table1(pd.concat([df, pd.DataFrame([aligned])], ignore_index=True)))
+    assert rows["bild, aligned, no loss"] == ["40.10, 1.82x, (3, 0.9)", "—"]
+    assert rows["bild, no loss"] == ["40.00, 1.67x, (2, 0.4)", "35.20, 2.00x, (3, 0.5)"]
