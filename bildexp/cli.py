@@ -59,7 +59,11 @@ def run_command(argv: list[str]) -> int:
 
     check_group_choices(argv)
     sys.argv = ["bildexp run", *argv]
-    job()
+    try:
+        job()
+    except SystemExit as stop:  # ours (one-line error) or Hydra's (config error, --help, --cfg)
+        if stop.code:
+            return int(stop.code) if isinstance(stop.code, int) else 1
     if rows:
         print("\n" + _summary_table(rows))
         print("\nresults: " + ", ".join(csvs))

@@ -1,0 +1,140 @@
+"""End to end: `bildexp run` composes the real configs, writes CSV rows and JSONL, resumes, sweeps, fails in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from bildexp import BildexpError
+from bildexp.cli import main
+from bildexp.models import PairCache
+from bildexp.results import RunFiles, fmt, run_id
+from bildexp.runner import run
+
+from conftest import make_config
+
+SMALL = ["runner.limit=3", "runner.warmup=1", "runner.progress=false", "task.max_new_tokens=24"]
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def call(*args: str) -> int:
+        GlobalHydra.instance().clear()
+        return main(["run", *args, f"runner.output_dir={tmp_path}", *SMALL])
+
+    return call
+
+
+def test_canonical_floats_and_ids():
+    assert fmt(0.6) == "0.6" and fmt(2.0) == "2" and fmt(0.1 + 0.2) == "0.30000000000000004"
+    a = make_config("policy=bild", "policy.fallback_threshold=0.6")
+    b = make_config("policy=bild", "policy.fallback_threshold=0.6", "runner.output_dir=elsewhere", "runner.force=true")
+    c = make_config("policy=bild", "policy.fallback_threshold=0.7")
+    assert run_id(a) == run_id(b) != run_id(c)
+    assert ".bild-fb0.6-rb2-ms10." in run_id(a)
+
+
+def test_zero_threshold_reaches_csv_as_zero(cli, tmp_path):
+    assert cli("policy=bild", "policy.fallback_threshold=0.0", "policy.rollback_threshold=0") == 0
+    row = pd.read_csv(tmp_path / "default.csv").iloc[0]
+    assert row["fallback_threshold"] == 0.0 and row["rollback_threshold"] == 0.0
+    assert "fb0-rb0" in row["run_id"]
+
+
+def test_row_and_generations_content(cli, tmp_path):
+    assert cli("policy=bild") == 0
+    df = pd.read_csv(tmp_path / "default.csv")
+    assert len(df) == 1
+    row = df.iloc[0]
+    for col in ["fallback_threshold", "rollback_threshold", "max_small_steps", "headline_score", "bleu", "latency_ms_mean",
+                "latency_ms_p50", "latency_ms_p90", "fallback_rate", "rollback_rate", "git_sha", "device", "dtype", "threads",
+                "torch_version", "transformers_version", "time", "data", "data_split", "task", "pair", "policy"]:
+        assert col in df.columns, col
+    assert row["n_examples"] == 3 and row["data"] == "builtin:toy" and row["threads"] == 1 and row["dtype"] == "float32"
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "default" / row["run_id"] / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for r in lines:
+        assert {"id", "hypothesis", "reference", "latency_ms", "counters", "provenance"} <= r.keys()
+        assert len(r["provenance"]) == r["counters"]["output_tokens"] and set(r["provenance"]) <= {"L", "S"}
+        assert r["latency_ms"] > 0
+
+
+def test_complete_run_is_skipped_and_force_reruns(cli, tmp_path, capsys):
+    assert cli("policy=vanilla") == 0
+    t0 = pd.read_csv(tmp_path / "default.csv")["time"].tolist()
+    assert cli("policy=vanilla") == 0
+    assert "skip" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "default.csv")["time"].tolist() == t0
+    assert cli("policy=vanilla", "runner.force=true") == 0
+    assert len(pd.read_csv(tmp_path / "default.csv")) == 1
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path):
+    cfg = make_config("policy=bild", f"runner.output_dir={tmp_path}", *SMALL)
+    pairs = PairCache()
+    run(cfg, pairs)
+    files = RunFiles(tmp_path, "default", run_id(cfg))
+    full = files.generations.read_text().splitlines()
+    # Simulate a crash after the first example, mid-way through writing the second, before the CSV row.
+    files.generations.write_text(full[0] + "\n" + full[1][:20])
+    files.csv.unlink()
+    run(cfg, pairs)
+    again = [json.loads(x) for x in files.generations.read_text().splitlines()]
+    assert [r["id"] for r in again] == [json.loads(x)["id"] for x in full]
+    assert [r["hypothesis"] for r in again] == [json.loads(x)["hypothesis"] for x in full]
+    assert len(pd.read_csv(files.csv)) == 1
+
+
+def test_multirun_sweep_writes_one_row_per_point(cli, tmp_path):
+    assert cli("-m", "policy=bild", "policy.fallback_threshold=0.3,0.7", "policy.rollback_threshold=1,3") == 0
+    df = pd.read_csv(tmp_path / "default.csv")
+    assert sorted(zip(df.fallback_threshold, df.rollback_threshold)) == [(0.3, 1.0), (0.3, 3.0), (0.7, 1.0), (0.7, 3.0)]
+    assert df.run_id.is_unique
+
+
+def test_experiment_name_picks_the_csv(cli, tmp_path):
+    assert cli("experiment_name=mine") == 0
+    assert (tmp_path / "mine.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("policy.fallback_threshold=1.5", "out of range"),
+        ("policy.rollback_threshold=-1", "out of range"),
+        ("pair.dtype=float8", "not one of"),
+        ("task=nope", "unknown task 'nope'"),
+        ("pair=mt5_iwslt", "HF_HUB_OFFLINE"),
+    ],
+)
+def test_bad_input_is_one_line(cli, override, message, capsys):
+    pol = ["policy=bild"] if override.startswith("policy") else []
+    assert cli(*pol, override) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("bildexp: error:")
+
+
+def test_vocabulary_mismatch_is_one_line(tmp_path, tiny_pair):
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForCausalLM
+
+    from bildexp.models import load_pair, resolve_path
+
+    small_dir = resolve_path(make_config("pair=tiny_t5").pair.small)
+    cfg = AutoConfig.from_pretrained(small_dir)
+    cfg.vocab_size += 7
+    AutoModelForSeq2SeqLM.from_config(cfg).save_pretrained(tmp_path / "odd")
+    pair_cfg = make_config("pair=tiny_t5", f"pair.small={tmp_path / 'odd'}").pair
+    with pytest.raises(BildexpError, match="vocabulary mismatch"):
+        load_pair(pair_cfg)
+
+
+def test_console_script_help_and_error():
+    out = subprocess.run([sys.executable, "-m", "bildexp.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "bildexp run" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "bildexp.cli", "run", "task=nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0

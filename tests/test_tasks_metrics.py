@@ -1,0 +1,84 @@
+"""Tasks load from local JSONL / shared data / built-in data with one-line errors; metrics are right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bildexp import BildexpError
+from bildexp.metrics import score, split_sentences
+from bildexp.tasks import default_data_dir, load_task
+
+from conftest import make_config
+
+SHARED = default_data_dir()
+
+
+def test_local_jsonl_and_limit(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "source": f"s{i}", "reference": f"r{i}"}) + "\n" for i in range(5)))
+    data = load_task(make_config(f"task.data_file={f}").task, limit=3)
+    assert [e.id for e in data.examples] == ["0", "1", "2"]
+    assert data.data_source == f"local:{f}"
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(BildexpError, match="not found") as err:
+        load_task(make_config(f"task.data_file={tmp_path / 'nope.jsonl'}").task)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_rows_are_rejected(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"id": 1, "source": "x"}) + "\n")
+    with pytest.raises(BildexpError, match="lacks reference"):
+        load_task(make_config(f"task.data_file={f}").task)
+
+
+@pytest.mark.skipif(not (SHARED / "iwslt2017_de_en").is_dir(), reason="../shared/data not present")
+@pytest.mark.parametrize("task,split", [("iwslt", "tst2017"), ("wmt", "newstest2014"), ("xsum", "test-1000a"), ("cnndm", "test-0-2000.lower-ptb"), ("multi30k", "validation")])
+def test_paper_tasks_use_shared_data_offline(task, split):
+    data = load_task(make_config(f"task={task}").task, limit=2)
+    assert data.data_source.startswith("local:") and data.split == split
+    assert len(data.examples) == 2 and data.examples[0].reference
+
+
+def test_hub_offline_is_one_line(tmp_path):
+    cfg = make_config("task=iwslt", "task.data_source=hub").task
+    with pytest.raises(BildexpError, match="without network pass task.data_file") as err:
+        load_task(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_truncation_is_counted(tiny_pair, toy_examples):
+    from bildexp.tasks import encode
+
+    cfg = make_config("task.max_source_tokens=4").task
+    prompt, truncated = encode(toy_examples[0], cfg, tiny_pair)
+    assert truncated
+    n = prompt.encoder_input_ids.shape[1] if tiny_pair.is_encoder_decoder else None
+    if n is not None:
+        assert n == 4 and int(prompt.encoder_input_ids[0, -1]) == tiny_pair.eos_token_id
+    _, not_truncated = encode(toy_examples[0], make_config().task, tiny_pair)
+    assert not not_truncated
+
+
+def test_bleu_and_rouge():
+    refs = ["the cat sat on the mat .", "a dog barked loudly ."]
+    perfect = score("bleu", refs, refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["bleu_signature"].startswith("nrefs:1")
+    assert score("bleu", ["completely different words here", "nothing"], refs)["bleu"] < 10
+    r = score("rougeL", ["the cat sat on a mat"], ["the cat sat on the mat"])
+    assert 0 < r["rougeL"] < 100 and set(r) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    # Stemming: "running" and "runs" share the stem "run".
+    assert score("rouge1", ["dogs running"], ["dog runs"])["rouge1"] == pytest.approx(100.0)
+
+
+def test_rouge_lsum_splits_sentences():
+    assert split_sentences("First one. Second one! Third?") == "First one.\nSecond one!\nThird?"
+    ref = "a b c .\nd e f ."
+    # Sentence order swapped: ROUGE-L (one sequence) drops, ROUGE-Lsum (per sentence union LCS) does not.
+    s = score("rougeLsum", ["d e f . a b c ."], [ref])
+    assert s["rougeLsum"] == pytest.approx(100.0) and s["rougeL"] < 100.0
