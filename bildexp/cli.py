@@ -58,7 +58,9 @@ def run_command(argv: list[str]) -> int:
             csvs.append(csv)
 
     check_group_choices(argv)
-    sys.argv = ["bildexp run", *argv]
+    # Hydra's argparse wants flags before overrides; accept `bildexp run task=x -m a=1,2` too.
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    sys.argv = ["bildexp run", *flags, *[a for a in argv if a not in flags]]
     try:
         job()
     except SystemExit as stop:  # ours (one-line error) or Hydra's (config error, --help, --cfg)

@@ -1,0 +1,47 @@
+# bildexp: `make help` lists the targets. Everything runs in .venv, created on first use.
+SHELL := /bin/bash
+PY := .venv/bin/python
+BILDEXP := .venv/bin/bildexp
+# No hub on CI or the offline machines: fail at once instead of retrying for ~25 s per call.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test sweep-tiny plot bench tiny clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first: an unpinned resolve could pull a CUDA build (ENVIRONMENT.md).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: .venv/.installed ## create .venv and install bildexp with its test dependencies
+
+demo: .venv/.installed ## BiLD vs vanilla on the embedded default: results/demo.csv + Figure-4 and Table-1 views
+	$(BILDEXP) run experiment=demo -m policy=vanilla policy.which=large,small
+	$(BILDEXP) run experiment=demo -m policy=bild policy.fallback_threshold=0.3,0.6,0.9 policy.rollback_threshold=1,3,6
+	$(BILDEXP) plot --csv results/demo.csv --out results/figures
+	@cat results/figures/demo_table1.md
+
+test: .venv/.installed ## run the test suite (offline, CPU, fp32)
+	$(PY) -m pytest -q
+
+sweep-tiny: .venv/.installed ## a 3x3 threshold sweep with -m on the tiny T5 pair: results/sweep_tiny.csv
+	$(BILDEXP) run experiment_name=sweep_tiny runner.limit=50 -m policy=vanilla policy.which=large
+	$(BILDEXP) run experiment_name=sweep_tiny runner.limit=50 -m policy=bild policy.fallback_threshold=0.3,0.6,0.9 policy.rollback_threshold=1,3,6
+	$(BILDEXP) plot --csv results/sweep_tiny.csv --out results/figures
+
+bench: .venv/.installed ## harness overhead vs a bare past_key_values loop (ratio, target <= 1.05)
+	$(PY) scripts/bench_overhead.py
+
+tiny: .venv/.installed ## build the tiny model pairs now (otherwise built on first use)
+	$(BILDEXP) build-tiny
+
+clean: ## remove results (keeps .venv and the tiny-model cache)
+	rm -rf results/*.csv results/runs results/figures
