@@ -24,9 +24,7 @@ def _summary_table(rows: list[dict]) -> str:
             "headline_score", "latency_ms_mean", "large_token_share", "fallback_rate", "rollback_rate"]
     import pandas as pd
 
-    df = pd.DataFrame(rows)[cols]
-    df.loc[df["policy"] != "vanilla", "which"] = ""
-    df.loc[df["policy"] != "bild", ["fallback_threshold", "rollback_threshold"]] = float("nan")
+    df = pd.DataFrame(rows).reindex(columns=cols)  # a policy's row lacks the others' knobs
     return df.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="")
 
 

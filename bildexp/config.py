@@ -104,6 +104,21 @@ class Config:
     experiment_name: str = "default"
 
 
+# The PolicyConfig fields each policy reads; the others are left out of its run id and CSV row, so a
+# vanilla row never shows BiLD's thresholds. Sampling knobs count only when sampling is on.
+POLICY_FIELDS: dict[str, tuple[str, ...]] = {
+    "vanilla": ("which",),
+    "bild": ("fallback_threshold", "rollback_threshold", "max_small_steps"),
+}
+SAMPLING_FIELDS = ("top_p", "temperature", "seed")
+
+
+def policy_fields(p: PolicyConfig) -> dict[str, Any]:
+    """name, sampling, and the knobs this policy uses, under their config names."""
+    keys = ("name", "sampling", *POLICY_FIELDS[p.name], *(SAMPLING_FIELDS if p.sampling else ()))
+    return {k: getattr(p, k) for k in keys}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -114,7 +129,7 @@ def register_configs() -> None:
 
 
 _CHOICES = {
-    "policy.name": ("vanilla", "bild"),
+    "policy.name": tuple(POLICY_FIELDS),
     "policy.which": ("large", "small"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.device": ("cpu", "cuda", "auto"),

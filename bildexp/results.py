@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bildexp.config import Config
+from bildexp.config import Config, policy_fields
 
 # Config values that say where or how loudly to run, not what is measured.
 _NOT_IN_ID = {"output_dir", "force", "progress"}
@@ -40,10 +40,11 @@ def fmt(x: object) -> str:
 
 
 def config_columns(cfg: Config) -> dict[str, object]:
-    """Every config value under its config name: fallback_threshold, rollback_threshold, dtype, ..."""
+    """Every config value that affects the run, under its config name: fallback_threshold, dtype, ..."""
     cols: dict[str, object] = {"experiment": cfg.experiment_name}
     for section in ("task", "pair", "policy", "runner"):
-        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+        values = policy_fields(cfg.policy) if section == "policy" else dataclasses.asdict(getattr(cfg, section))
+        for key, value in values.items():
             if key in _NOT_IN_ID:
                 continue
             name = _NAME_COLUMNS[section] if key == "name" else key

@@ -39,6 +39,18 @@ def test_canonical_floats_and_ids():
     assert ".bild-fb0.6-rb2-ms10." in run_id(a)
 
 
+def test_rows_hold_only_the_policys_own_knobs(cli, tmp_path):
+    from bildexp.config import POLICY_FIELDS
+    from bildexp.policies import POLICIES
+
+    assert set(POLICIES) == set(POLICY_FIELDS)
+    assert cli("-m", "policy=vanilla,bild") == 0
+    df = pd.read_csv(tmp_path / "default.csv").set_index("policy")
+    assert df.loc["vanilla", "which"] == "large" and pd.isna(df.loc["vanilla", "fallback_threshold"])
+    assert pd.isna(df.loc["bild", "which"]) and df.loc["bild", "rollback_threshold"] == 2.0
+    assert "top_p" not in df.columns  # greedy runs: the sampling knobs do not apply
+
+
 def test_zero_threshold_reaches_csv_as_zero(cli, tmp_path):
     assert cli("policy=bild", "policy.fallback_threshold=0.0", "policy.rollback_threshold=0") == 0
     row = pd.read_csv(tmp_path / "default.csv").iloc[0]
