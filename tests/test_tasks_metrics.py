@@ -82,3 +82,21 @@ def test_rouge_lsum_splits_sentences():
     # Sentence order swapped: ROUGE-L (one sequence) drops, ROUGE-Lsum (per sentence union LCS) does not.
     s = score("rougeLsum", ["d e f . a b c ."], [ref])
     assert s["rougeLsum"] == pytest.approx(100.0) and s["rougeL"] < 100.0
+
+
+def test_decoder_only_prompt_uses_chat_template_when_present(toy_examples):
+    import copy
+
+    from bildexp.models import load_pair
+
+    from bildexp.tasks import encode
+
+    pair = copy.copy(load_pair(make_config("pair=tiny_llama").pair))
+    cfg = make_config("pair=tiny_llama", "task.instruction=Translate: ").task
+    plain, _ = encode(toy_examples[0], cfg, pair)
+    assert pair.tokenizer.decode(plain.decoder_prefix, skip_special_tokens=True) == cfg.prompt_template.replace("{source}", toy_examples[0].source)
+    tok = copy.deepcopy(pair.tokenizer)
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    pair.tokenizer = tok
+    chat, _ = encode(toy_examples[0], cfg, pair)
+    assert tok.decode(chat.decoder_prefix) == f"<|user|>Translate: {toy_examples[0].source}<|assistant|>"
