@@ -26,7 +26,8 @@ class ModelPair:
     small: PreTrainedModel
     tokenizer: object
     is_encoder_decoder: bool
-    eos_token_id: int
+    # Every id that ends generation (chat models often declare several, e.g. end-of-turn and end-of-text).
+    eos_token_ids: tuple[int, ...]
     decoder_start_token_id: int | None
     device: torch.device
     dtype: torch.dtype
@@ -125,12 +126,11 @@ def load_pair(cfg: PairConfig) -> ModelPair:
     check_vocabularies(cfg, large, small, tokenizer)
     gen = large.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0]
     if eos is None:
         raise BildexpError(f"pair {cfg.name}: neither the large model nor the tokenizer defines an eos token")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
     start = large.config.decoder_start_token_id if large.config.is_encoder_decoder else None
-    return ModelPair(large, small, tokenizer, bool(large.config.is_encoder_decoder), int(eos), start, device, dtype)
+    return ModelPair(large, small, tokenizer, bool(large.config.is_encoder_decoder), eos_ids, start, device, dtype)
 
 
 class PairCache:

@@ -50,7 +50,7 @@ def bare_loop(model, prompt: Prompt, n: int) -> list[int]:
 
 
 def harness_loop(model, prompt: Prompt, n: int) -> list[int]:
-    pair = ModelPair(model, model, None, bool(model.config.is_encoder_decoder), -1, 0, torch.device("cpu"), torch.float32)
+    pair = ModelPair(model, model, None, bool(model.config.is_encoder_decoder), (), 0, torch.device("cpu"), torch.float32)
     return make_policy(PolicyConfig(name="vanilla", which="large")).decode(pair, prompt, n).tokens
 
 

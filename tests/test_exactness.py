@@ -25,7 +25,7 @@ def prompts(pair, examples, task_cfg):
 
 def hf_greedy(model, pair, prompt) -> list[int]:
     """transformers' own generate(), greedy: the reference every lossless path must match."""
-    kwargs = dict(max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, eos_token_id=pair.eos_token_id, pad_token_id=pair.eos_token_id)
+    kwargs = dict(max_new_tokens=MAX_NEW, do_sample=False, num_beams=1, eos_token_id=list(pair.eos_token_ids), pad_token_id=pair.eos_token_ids[0])
     with torch.inference_mode():
         if pair.is_encoder_decoder:
             out = model.generate(input_ids=prompt.encoder_input_ids, **kwargs)[0].tolist()
@@ -108,3 +108,15 @@ def test_sampling_is_reproducible_and_differs_from_greedy(setup):
     b = [policy.decode(pair, p, MAX_NEW, seed=i).tokens for i, p in enumerate(ps)]
     assert a == b
     assert a != large_ref
+
+
+def test_any_declared_eos_ends_generation(setup):
+    """Chat models declare several eos ids (end of turn, end of text): each one must stop decoding."""
+    import dataclasses
+
+    pair, ps, large_ref = setup
+    ref = large_ref[0]
+    stop = ref[2]
+    two_eos = dataclasses.replace(pair, eos_token_ids=(*pair.eos_token_ids, stop))
+    got = run_policy(two_eos, ps[:1], name="bild", fallback_threshold=0.5, rollback_threshold=0.0)[0]
+    assert got.tokens == ref[: ref.index(stop) + 1]

@@ -43,7 +43,7 @@ class Sequence:
     tokens: list[int]
     prefix_len: int
     max_new_tokens: int
-    eos_id: int
+    eos_ids: tuple[int, ...]
     device: torch.device
     provenance: list[str] = field(default_factory=list)
 
@@ -53,7 +53,7 @@ class Sequence:
     @property
     def finished(self) -> bool:
         n_new = len(self.tokens) - self.prefix_len
-        return n_new >= self.max_new_tokens or (n_new > 0 and self.tokens[-1] == self.eos_id)
+        return n_new >= self.max_new_tokens or (n_new > 0 and self.tokens[-1] in self.eos_ids)
 
     def append(self, token: int, source: str) -> None:
         self.tokens.append(token)
@@ -94,7 +94,7 @@ class Policy:
             tokens=list(prompt.decoder_prefix),
             prefix_len=len(prompt.decoder_prefix),
             max_new_tokens=max_new_tokens,
-            eos_id=pair.eos_token_id,
+            eos_ids=pair.eos_token_ids,
             device=pair.device,
         )
         self.counters = Counter()
