@@ -92,7 +92,7 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         }
         files.append(record)
         records.append(record)
-        bar.set_postfix(ms=f"{sw.ms:.0f}", tok=len(gen.tokens))
+        bar.set_postfix(ms=f"{sw.ms:.0f}", tok=len(gen.tokens), refresh=False)  # redraws follow mininterval
     bar.close()
 
     order = {ex.id: i for i, ex in enumerate(data.examples)}
