@@ -41,7 +41,7 @@ def fmt(x: object) -> str:
 
 def config_columns(cfg: Config) -> dict[str, object]:
     """Every config value that affects the run, under its config name: fallback_threshold, dtype, ..."""
-    cols: dict[str, object] = {"experiment": cfg.experiment_name}
+    cols: dict[str, object] = {"experiment_name": cfg.experiment_name}
     for section in ("task", "pair", "policy", "runner"):
         values = policy_fields(cfg.policy) if section == "policy" else dataclasses.asdict(getattr(cfg, section))
         for key, value in values.items():
