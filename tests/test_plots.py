@@ -5,7 +5,7 @@ import pytest
 
 from bildexp import plots
 
-COLS = ["experiment", "run_id", "task", "pair", "policy", "which", "sampling", "fallback_threshold",
+COLS = ["experiment_name", "run_id", "task", "pair", "policy", "which", "sampling", "fallback_threshold",
         "rollback_threshold", "device", "dtype", "threads", "n_examples", "headline_metric",
         "headline_score", "latency_ms_mean", "latency_ms_p50", "latency_ms_p90", "fallback_rate",
         "rollback_rate", "time"]
@@ -14,7 +14,7 @@ NAN = float("nan")
 
 def _row(task, pair, metric, policy, which, fb, rb, score, latency, minute=10, device="cuda"):
     return {
-        "experiment": "fig4", "run_id": f"{task}-{policy}-{which}-{rb}-{fb}-{minute}", "task": task,
+        "experiment_name": "fig4", "run_id": f"{task}-{policy}-{which}-{rb}-{fb}-{minute}", "task": task,
         "pair": pair, "policy": policy, "which": which, "sampling": False,
         "fallback_threshold": fb, "rollback_threshold": rb, "device": device, "dtype": "float16",
         "threads": 4, "n_examples": 100, "headline_metric": metric, "headline_score": score,
