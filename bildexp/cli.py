@@ -1,6 +1,6 @@
 """The `bildexp` command: the only Hydra entry point.
 
-    bildexp run [HYDRA OVERRIDES]     decode a task with a policy, write results/<experiment>.csv
+    bildexp run [HYDRA OVERRIDES]     decode a task with a policy, write results/<experiment_name>.csv
     bildexp run -m KEY=A,B ...        sweep (Hydra multirun; jobs share loaded models)
     bildexp plot [--csv F] [--out D]  Figure-4 view (PNG, PDF) and Table-1 view (Markdown) from a CSV
     bildexp build-tiny [NAME ...]     build the project's tiny model pairs (also built on first use)
