@@ -120,12 +120,8 @@ def policy_fields(p: PolicyConfig) -> dict[str, Any]:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="task", name="task_schema", node=TaskConfig)
-    cs.store(group="pair", name="pair_schema", node=PairConfig)
-    cs.store(group="policy", name="policy_schema", node=PolicyConfig)
-    cs.store(group="runner", name="runner_schema", node=RunnerConfig)
+    # One schema for the whole config: it types every section, so the groups need none of their own.
+    ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 _CHOICES = {
