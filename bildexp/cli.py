@@ -2,6 +2,7 @@
 
     bildexp run [HYDRA OVERRIDES]     decode a task with a policy, write results/<experiment_name>.csv
     bildexp run -m KEY=A,B ...        sweep (Hydra multirun; jobs share loaded models)
+    bildexp train [HYDRA OVERRIDES]   fine-tune or train a model on a task's training split (resumable)
     bildexp plot [--csv F] [--out D]  Figure-4 view (PNG, PDF) and Table-1 view (Markdown) from a CSV
     bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2
 """
@@ -70,12 +71,41 @@ def run_command(argv: list[str]) -> int:
     return 0
 
 
+def train_command(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    from bildexp import BildexpError
+    from bildexp.config import register_configs, to_train_config
+    from bildexp.train import train
+
+    register_configs()
+    command = " ".join(["bildexp", "train", *argv])
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+    def job(dcfg: DictConfig) -> None:
+        try:
+            print(train(to_train_config(dcfg), command))
+        except BildexpError as err:
+            print(f"bildexp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    check_group_choices(argv)
+    sys.argv = ["bildexp train", *argv]
+    try:
+        job()
+    except SystemExit as stop:
+        if stop.code:
+            return int(stop.code) if isinstance(stop.code, int) else 1
+    return 0
+
+
 def check_group_choices(argv: list[str]) -> None:
     """`task=foo` with no conf/task/foo.yaml → one line listing the choices (Hydra's own is a page)."""
     from bildexp import BildexpError
 
     for arg in argv:
-        m = re.fullmatch(r"(task|pair|policy|runner|experiment)=([^,]+(?:,[^,]+)*)", arg)
+        m = re.fullmatch(r"(task|pair|policy|runner|experiment|train)=([^,]+(?:,[^,]+)*)", arg)
         if not m:
             continue
         group, values = m.groups()
@@ -116,7 +146,7 @@ def build_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "plot": plot_command, "build": build_command}
+COMMANDS = {"run": run_command, "train": train_command, "plot": plot_command, "build": build_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,9 @@ class TaskConfig:
     data_source: str = "auto"
     # Any local JSONL of {"id", "source", "reference"} rows; overrides everything above.
     data_file: Optional[str] = None
+    # Training data for `bildexp train` / `bildexp align`: a file under data_dir, else this hub split.
+    train_file: Optional[str] = None
+    train_split: str = "train"
     # Encoder-decoder input: prefix + source ("summarize: " for T5 summarisation).
     prefix: str = ""
     # Decoder-only input when the tokenizer has no chat template; {source} is replaced.
@@ -119,9 +122,51 @@ def policy_fields(p: PolicyConfig) -> dict[str, Any]:
     return {k: getattr(p, k) for k in keys}
 
 
+@dataclass
+class TrainConfig:
+    """One training recipe (conf/train/*.yaml): fine-tune a model, or train one from scratch."""
+
+    name: str = "tiny_t5_toy"
+    # Start from this model (hub id, folder or builtin:...); null trains `arch` from scratch.
+    init: Optional[str] = None
+    # From scratch: the transformers config class's arguments, plus `type` (t5 or llama).
+    arch: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer (id or folder); null takes init's. From scratch with null, a SentencePiece model of
+    # `vocab_size` is trained on the training split's sources and references.
+    tokenizer: Optional[str] = None
+    vocab_size: int = 8000
+    # JSONL of {id, source, reference} to train on instead of the task's training split (alignment).
+    data_file: Optional[str] = None
+    # Checkpoints, logs and the final model go here; a run that finds a checkpoint resumes from it.
+    output_dir: str = "checkpoints/${train.name}"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_target_tokens: int = 128
+    # Validation every eval_every steps: loss on eval_examples, the task metric on eval_decode ones.
+    eval_every: int = 200
+    eval_examples: int = 200
+    eval_decode: int = 100
+    save_every: int = 200
+    device: str = "auto"
+    threads: int = 1
+    progress: bool = True
+
+
+@dataclass
+class TrainRunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 def register_configs() -> None:
     # One schema for the whole config: it types every section, so the groups need none of their own.
     ConfigStore.instance().store(name="config_schema", node=Config)
+    ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
 
 
 _CHOICES = {
@@ -158,6 +203,21 @@ def validate(cfg: Config) -> Config:
     if cfg.pair.threads < 1:
         raise BildexpError(f"pair.threads={cfg.pair.threads} must be >= 1")
     return cfg
+
+
+def to_train_config(dcfg: DictConfig) -> TrainRunConfig:
+    obj: Any = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainRunConfig), dcfg))
+    t = obj.train
+    if t.init is None and not t.arch:
+        raise BildexpError(f"train recipe {t.name}: set train.init (a model to fine-tune) or train.arch (from scratch)")
+    if t.arch and t.arch.get("type") not in ("t5", "llama"):
+        raise BildexpError(f"train.arch.type={t.arch.get('type')!r}: use t5 or llama")
+    for key in ("steps", "batch_size", "eval_every", "save_every"):
+        if getattr(t, key) < 1:
+            raise BildexpError(f"train.{key}={getattr(t, key)} must be >= 1")
+    if t.lr <= 0:
+        raise BildexpError(f"train.lr={t.lr} must be > 0")
+    return obj
 
 
 def to_config(dcfg: DictConfig | Config) -> Config:

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from bildexp import BildexpError
 from bildexp.config import PairConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUILTIN = "builtin:"
 
 
@@ -128,20 +128,25 @@ def check_vocabularies(cfg: PairConfig, large, small, tokenizer) -> None:
         )
 
 
+def assemble_pair(name: str, large, small, tokenizer, device: torch.device, dtype: torch.dtype) -> ModelPair:
+    """Two loaded models (or one model twice, for training and single-model decoding) → ModelPair."""
+    gen = large.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        raise BildexpError(f"pair {name}: neither the large model nor the tokenizer defines an eos token")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    start = large.config.decoder_start_token_id if large.config.is_encoder_decoder else None
+    return ModelPair(large, small, tokenizer, bool(large.config.is_encoder_decoder), eos_ids, start, device, dtype)
+
+
 def load_pair(cfg: PairConfig) -> ModelPair:
     device = resolve_device(cfg.device)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.large)
     large = load_model(cfg.large, dtype, device)
     small = load_model(cfg.small, dtype, device)
     check_vocabularies(cfg, large, small, tokenizer)
-    gen = large.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
-    if eos is None:
-        raise BildexpError(f"pair {cfg.name}: neither the large model nor the tokenizer defines an eos token")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-    start = large.config.decoder_start_token_id if large.config.is_encoder_decoder else None
-    return ModelPair(large, small, tokenizer, bool(large.config.is_encoder_decoder), eos_ids, start, device, dtype)
+    return assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
 
 
 class PairCache:

@@ -7,6 +7,7 @@ limits and the headline metric. Every loaded task reports which source and split
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -74,7 +75,27 @@ def load_hub(cfg: TaskConfig) -> list[Example]:
     return [Example(str(row.get("id", i)), _field(row, cfg.source_field), _field(row, cfg.target_field)) for i, row in enumerate(ds)]
 
 
+def load_train(cfg: TaskConfig, limit: int | None = None) -> TaskData:
+    """The task's training split (never its evaluation examples): local train_file, built-in, or the hub."""
+    if cfg.data_source == "builtin":
+        from bildexp.toy import toy_examples
+
+        data = TaskData([Example(**r) for r in toy_examples("train")], f"builtin:{cfg.name}", "train")
+    else:
+        local = default_data_dir() / cfg.train_file if cfg.train_file else None
+        if local is not None and local.is_file() and cfg.data_source != "hub":
+            data = TaskData(read_jsonl(local), f"local:{cfg.train_file}", "train")
+        elif cfg.hub_dataset is None or cfg.data_source == "local":
+            raise BildexpError(f"task {cfg.name} has no training data here: pass train.data_file=PATH to a JSONL")
+        else:
+            hub = dataclasses.replace(cfg, split=cfg.train_split)
+            data = TaskData(load_hub(hub), f"hub:{cfg.hub_dataset}/{cfg.hub_config}", cfg.train_split)
+    data.examples = data.examples[:limit] if limit is not None else data.examples
+    return data
+
+
 def load_task(cfg: TaskConfig, limit: int | None = None) -> TaskData:
+    """The task's evaluation examples."""
     if cfg.data_file is not None:
         data = TaskData(read_jsonl(Path(cfg.data_file)), f"local:{cfg.data_file}", cfg.local_split or "file")
     elif cfg.data_source == "builtin":
