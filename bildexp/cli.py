@@ -3,6 +3,7 @@
     bildexp run [HYDRA OVERRIDES]     decode a task with a policy, write results/<experiment_name>.csv
     bildexp run -m KEY=A,B ...        sweep (Hydra multirun; jobs share loaded models)
     bildexp train [HYDRA OVERRIDES]   fine-tune or train a model on a task's training split (resumable)
+    bildexp align [HYDRA OVERRIDES]   prediction alignment: fine-tune the small model on the large one's outputs
     bildexp plot [--csv F] [--out D]  Figure-4 view (PNG, PDF) and Table-1 view (Markdown) from a CSV
     bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2
 """
@@ -100,6 +101,37 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
+def align_command(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    from bildexp import BildexpError
+    from bildexp.align import align
+    from bildexp.config import AlignRunConfig, register_configs, to_train_config
+
+    register_configs()
+    command = " ".join(["bildexp", "align", *argv])
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="align", version_base="1.3")
+    def job(dcfg: DictConfig) -> None:
+        try:
+            if dcfg.train.init is None:
+                dcfg.train.init = dcfg.pair.small  # alignment fine-tunes the pair's small model
+            align(to_train_config(dcfg, AlignRunConfig), command)
+        except BildexpError as err:
+            print(f"bildexp: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    check_group_choices(argv)
+    sys.argv = ["bildexp align", *argv]
+    try:
+        job()
+    except SystemExit as stop:
+        if stop.code:
+            return int(stop.code) if isinstance(stop.code, int) else 1
+    return 0
+
+
 def check_group_choices(argv: list[str]) -> None:
     """`task=foo` with no conf/task/foo.yaml → one line listing the choices (Hydra's own is a page)."""
     from bildexp import BildexpError
@@ -146,7 +178,7 @@ def build_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "train": train_command, "plot": plot_command, "build": build_command}
+COMMANDS = {"run": run_command, "train": train_command, "align": align_command, "plot": plot_command, "build": build_command}
 
 
 def main(argv: list[str] | None = None) -> int:

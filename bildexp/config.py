@@ -163,10 +163,30 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass
+class AlignConfig:
+    # Calibration inputs: the first N of the task's TRAINING split (evaluation examples are excluded).
+    calibration_examples: int = 1000
+    # Top-1 agreement is measured on the first N evaluation examples, along the large model's outputs.
+    agreement_examples: int = 100
+    # calibration.jsonl, report.json and the aligned small model (small/final) go here.
+    output_dir: str = "checkpoints/${pair.name}_aligned"
+    progress: bool = True
+
+
+@dataclass
+class AlignRunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+
+
 def register_configs() -> None:
     # One schema for the whole config: it types every section, so the groups need none of their own.
     ConfigStore.instance().store(name="config_schema", node=Config)
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+    ConfigStore.instance().store(name="align_schema", node=AlignRunConfig)
 
 
 _CHOICES = {
@@ -205,8 +225,9 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def to_train_config(dcfg: DictConfig) -> TrainRunConfig:
-    obj: Any = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainRunConfig), dcfg))
+def to_train_config(dcfg: DictConfig, schema: type = TrainRunConfig) -> Any:
+    """DictConfig → TrainRunConfig (or AlignRunConfig), with the training recipe checked."""
+    obj: Any = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), dcfg))
     t = obj.train
     if t.init is None and not t.arch:
         raise BildexpError(f"train recipe {t.name}: set train.init (a model to fine-tune) or train.arch (from scratch)")

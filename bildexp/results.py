@@ -101,6 +101,21 @@ def provenance(device, dtype: str, threads: int) -> dict[str, object]:
     }
 
 
+def resume_jsonl(path: Path) -> list[dict]:
+    """Records of an append-only JSONL, up to a line cut by an interruption; the file is rewritten without
+    that line so appends continue on a clean file. A missing file has no records."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # cut mid-write: that item is produced again
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return records
+
+
 class RunFiles:
     """The files of one run: config, per-example JSONL (resumable) and the experiment CSV."""
 
@@ -122,18 +137,9 @@ class RunFiles:
         """Create the run folder; return the examples already written (none when forced)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if force or not self.generations.is_file():
+        if force:
             self.generations.write_text("")
-            return []
-        records = []
-        for line in self.generations.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by an interruption: that example is decoded again
-        # Rewrite without the cut line so appends continue on a clean file.
-        self.generations.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        return records
+        return resume_jsonl(self.generations)
 
     def append(self, record: dict) -> None:
         with self.generations.open("a", encoding="utf-8") as f:
