@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test sweep-tiny bench tiny smollm2 clean
+.PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,13 +32,19 @@ demo: .venv/.installed ## BiLD vs vanilla on the embedded default: results/demo.
 test: .venv/.installed ## run the test suite (offline, CPU, fp32)
 	$(PY) -m pytest -q
 
-sweep-tiny: .venv/.installed ## a 3x3 threshold sweep with -m on the tiny T5 pair: results/sweep_tiny.csv
+sweep-bench-steps: .venv/.installed ## per-step latency of the tiny T5 pair, k = 1/4/8, fp32 and bf16
+	$(PY) scripts/bench_steps.py --pair tiny_t5
+
+tiny: .venv/.installed ## a 3x3 threshold sweep with -m on the tiny T5 pair: results/sweep_tiny.csv
 	$(BILDEXP) run experiment_name=sweep_tiny runner.limit=50 -m policy=vanilla policy.which=large
 	$(BILDEXP) run experiment_name=sweep_tiny runner.limit=50 -m policy=bild policy.fallback_threshold=0.3,0.6,0.9 policy.rollback_threshold=1,3,6
 	$(BILDEXP) plot --csv results/sweep_tiny.csv --out results/figures
 
 bench: .venv/.installed ## harness overhead vs a bare past_key_values loop (ratio, target <= 1.05)
 	$(PY) scripts/bench_overhead.py
+
+bench-steps: .venv/.installed ## per-step latency of the tiny T5 pair, k = 1/4/8, fp32 and bf16
+	$(PY) scripts/bench_steps.py --pair tiny_t5
 
 tiny: .venv/.installed ## build the tiny model pairs now (otherwise built on first use)
 	$(BILDEXP) build tiny_t5 tiny_llama
