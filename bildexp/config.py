@@ -129,6 +129,8 @@ class TrainConfig:
     name: str = "tiny_t5_toy"
     # Start from this model (hub id, folder or builtin:...); null trains `arch` from scratch.
     init: Optional[str] = None
+    # Keep only the first N decoder layers of init (a cheap draft sharing embeddings and head); null: all.
+    init_layers: Optional[int] = None
     # From scratch: the transformers config class's arguments, plus `type` (t5 or llama).
     arch: dict[str, Any] = field(default_factory=dict)
     # Tokenizer (id or folder); null takes init's. From scratch with null, a SentencePiece model of

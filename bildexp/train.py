@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from bildexp import BildexpError, metrics
 from bildexp.config import PolicyConfig, TrainRunConfig
-from bildexp.models import assemble_pair, load_model, load_tokenizer, resolve_device
+from bildexp.models import assemble_pair, first_layers, load_model, load_tokenizer, resolve_device
 from bildexp.policies import make_policy
 from bildexp.tasks import Example, decode, encode, load_task, load_train, read_jsonl
 
@@ -192,6 +192,8 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
         if tc.init is not None:
             tokenizer = load_tokenizer(tc.tokenizer or tc.init)
             model = load_model(tc.init, torch.float32, device)
+            if tc.init_layers is not None:
+                model = first_layers(model, tc.init_layers)
         else:
             tokenizer = load_tokenizer(tc.tokenizer) if tc.tokenizer else train_sentencepiece(data.examples, tc.vocab_size, out / "tokenizer")
             model = scratch_model(tc.arch, tokenizer).to(device)

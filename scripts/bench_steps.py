@@ -12,7 +12,6 @@ N decoder layers (`--draft-layers N`, shared head) to see what such a draft coul
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import time
@@ -23,19 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from bildexp.cache import ModelState
-from bildexp.models import DTYPES, load_model
-
-
-def slice_layers(model, n: int):
-    """The first n decoder layers of a Llama-family or T5 model, with the same embeddings and head."""
-    draft = copy.deepcopy(model)
-    if draft.config.is_encoder_decoder:
-        draft.decoder.block = draft.decoder.block[:n]
-        draft.config.num_decoder_layers = n
-    else:
-        draft.model.layers = draft.model.layers[:n]
-        draft.config.num_hidden_layers = n
-    return draft
+from bildexp.models import DTYPES, first_layers, load_model
 
 
 def step_ms(model, context: int, k: int, reps: int) -> float:
@@ -78,7 +65,7 @@ def main() -> None:
     print(f"{'dtype':<9} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} {'large k/1':>9}")
     for dtype in args.dtypes.split(","):
         large = load_model(large_name, DTYPES[dtype], torch.device("cpu"))
-        small = slice_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], torch.device("cpu"))
+        small = first_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], torch.device("cpu"))
         one = None
         for k in (1, 4, 8):
             lm, sm = step_ms(large, args.context, k, args.reps), step_ms(small, args.context, k, args.reps)

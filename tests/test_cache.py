@@ -83,3 +83,18 @@ def test_cache_surgery_across_architectures(arch):
     new = torch.tensor([[20, 21, 22]])
     fresh = ModelState(model, enc).advance(torch.cat([seq[:, :4], new], 1), keep=3)
     torch.testing.assert_close(st.advance(new, keep=3), fresh, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "mt5"])
+def test_first_layers_is_a_working_shallower_model(arch):
+    from bildexp.models import first_layers
+
+    model = _random_model(arch).eval()
+    draft = first_layers(model, 1)
+    enc = torch.tensor([[5, 6, 7]]) if model.config.is_encoder_decoder else None
+    seq = torch.tensor([[2, 11, 12]])
+    full, short = ModelState(model, enc).advance(seq, keep=3), ModelState(draft, enc).advance(seq, keep=3)
+    assert short.shape == full.shape and not torch.allclose(short, full)
+    assert sum(p.numel() for p in draft.parameters()) < sum(p.numel() for p in model.parameters())
+    # Same embeddings and head, untouched original.
+    assert torch.equal(draft.get_output_embeddings().weight, model.get_output_embeddings().weight)

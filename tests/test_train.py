@@ -69,3 +69,12 @@ def test_from_scratch_decoder_only(tmp_path):
 def test_recipe_without_model_is_one_line():
     with pytest.raises(BildexpError, match="set train.init"):
         train_config("train=tiny_t5_toy", "train.init=null")  # no arch either
+
+
+def test_draft_from_the_first_layers_of_a_larger_model(tmp_path):
+    final = train_mod.train(train_config("train=tiny_t5_toy", "train.init=builtin:tiny_t5/large", "train.init_layers=1",
+                                         f"train.output_dir={tmp_path}", "train.steps=5", "train.eval_every=5", "train.eval_decode=2"))
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(final)
+    assert cfg.num_decoder_layers == 1 and cfg.num_layers == transformers.AutoConfig.from_pretrained(resolve_path("builtin:tiny_t5/large")).num_layers
