@@ -24,7 +24,7 @@ from bildexp.config import AlignRunConfig, PolicyConfig, TrainRunConfig
 from bildexp.models import ModelPair, load_model, load_pair
 from bildexp.policies import Prompt, make_policy
 from bildexp.results import resume_jsonl
-from bildexp.tasks import decode, encode, load_task, load_train
+from bildexp.tasks import decode, encode, load_task, load_train, read_jsonl
 from bildexp.train import train
 
 
@@ -53,7 +53,8 @@ def calibration_set(cfg: AlignRunConfig, pair: ModelPair, path: Path) -> dict:
     eval_examples = load_task(cfg.task).examples  # the whole evaluation split is off limits
     eval_ids = {ex.id for ex in eval_examples}
     eval_sources = {ex.source for ex in eval_examples}
-    candidates = load_train(cfg.task).examples
+    src = cfg.align.calibration_file
+    candidates = read_jsonl(Path(src)) if src else load_train(cfg.task).examples
     kept = [ex for ex in candidates if ex.id not in eval_ids and ex.source not in eval_sources]
     inputs = kept[: cfg.align.calibration_examples]
     done = {r["id"] for r in resume_jsonl(path)}
@@ -64,7 +65,8 @@ def calibration_set(cfg: AlignRunConfig, pair: ModelPair, path: Path) -> dict:
             tokens = policy.decode(pair, encode(ex, cfg.task, pair)[0], cfg.task.max_new_tokens).tokens
             f.write(json.dumps({"id": ex.id, "source": ex.source, "reference": decode(tokens, pair)}, ensure_ascii=False) + "\n")
             f.flush()
-    return {"calibration_examples": len(inputs), "dropped_eval_overlap": len(candidates) - len(kept)}
+    return {"calibration_examples": len(inputs), "calibration_source": src or "task training split",
+            "dropped_eval_overlap": len(candidates) - len(kept)}
 
 
 def align(cfg: AlignRunConfig, command: str = "") -> dict:

@@ -169,6 +169,9 @@ class TrainRunConfig:
 class AlignConfig:
     # Calibration inputs: the first N of the task's TRAINING split (evaluation examples are excluded).
     calibration_examples: int = 1000
+    # ...or of this JSONL's sources instead (its references are ignored), for tasks with no training
+    # split offline (XSUM: e.g. CNN/DM articles). Evaluation examples are excluded all the same.
+    calibration_file: Optional[str] = None
     # Top-1 agreement is measured on the first N evaluation examples, along the large model's outputs.
     agreement_examples: int = 100
     # calibration.jsonl, report.json and the aligned small model (small/final) go here.

@@ -43,11 +43,11 @@ def resolve_device(name: str) -> torch.device:
 
 def builtin_builders() -> dict[str, tuple]:
     """Models the project builds itself: name → (build function returning a folder, roles in it)."""
-    from bildexp.smollm2 import ensure_smollm2
+    from bildexp.smollm2 import ROLES, ensure_smollm2
     from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
 
     builders: dict[str, tuple] = {name: (lambda n=name: ensure_tiny_pair(n), ("large", "small")) for name in TINY_PAIRS}
-    builders["smollm2"] = (ensure_smollm2, ("large",))
+    builders["smollm2"] = (ensure_smollm2, ROLES)
     return builders
 
 

