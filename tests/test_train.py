@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import bildexp.train as train_mod
@@ -78,3 +79,15 @@ def test_draft_from_the_first_layers_of_a_larger_model(tmp_path):
 
     cfg = transformers.AutoConfig.from_pretrained(final)
     assert cfg.num_decoder_layers == 1 and cfg.num_layers == transformers.AutoConfig.from_pretrained(resolve_path("builtin:tiny_t5/large")).num_layers
+
+
+def test_head_only_at_labels_equals_the_models_own_loss(tiny_pair, toy_examples):
+
+    model = tiny_pair.large
+    task = train_config("train=tiny_llama_scratch").task
+    items = train_mod.encode_examples(toy_examples[:4], task, tiny_pair, 48)
+    batch = train_mod.collate(items, train_mod.pad_token(tiny_pair), tiny_pair.device)
+
+
+    with torch.no_grad():
+        torch.testing.assert_close(train_mod.loss_of(model, batch), model(**batch).loss, atol=1e-5, rtol=1e-5)
