@@ -163,6 +163,8 @@ class TrainConfig:
 class TrainRunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Unused by training: present because paper tasks name their default pair (conf/task/*.yaml).
+    pair: PairConfig = field(default_factory=PairConfig)
 
 
 @dataclass

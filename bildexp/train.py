@@ -30,7 +30,7 @@ from bildexp import BildexpError, metrics
 from bildexp.config import PolicyConfig, TrainRunConfig
 from bildexp.models import assemble_pair, first_layers, load_model, load_tokenizer, resolve_device
 from bildexp.policies import make_policy
-from bildexp.tasks import Example, decode, encode, load_task, load_train, read_jsonl
+from bildexp.tasks import Example, TaskData, decode, encode, load_task, load_train, read_jsonl
 
 LOG_EVERY = 10
 
@@ -192,10 +192,7 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
     torch.manual_seed(tc.seed)
     t_start = time.perf_counter()
 
-    data = (
-        dataclasses.replace(load_train(task_cfg, limit=0), examples=read_jsonl(Path(tc.data_file)), data_source=f"local:{tc.data_file}")
-        if tc.data_file else load_train(task_cfg)
-    )
+    data = TaskData(read_jsonl(Path(tc.data_file)), f"local:{tc.data_file}", "file") if tc.data_file else load_train(task_cfg)
     eval_examples = load_task(task_cfg, limit=tc.eval_examples).examples
 
     ckpt = find_checkpoint(out)

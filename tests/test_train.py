@@ -91,3 +91,13 @@ def test_head_only_at_labels_equals_the_models_own_loss(tiny_pair, toy_examples)
 
     with torch.no_grad():
         torch.testing.assert_close(train_mod.loss_of(model, batch), model(**batch).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_data_file_needs_no_training_split(tmp_path):
+    """xsum has no training split offline: a data_file (an alignment calibration set) must suffice."""
+    rows = [{"id": f"c{i}", "source": "a short news text", "reference": "a summary"} for i in range(8)]
+    (tmp_path / "calib.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = train_mod.train(train_config("task=xsum", "train=tiny_llama_scratch", f"train.data_file={tmp_path / 'calib.jsonl'}",
+                                         f"train.output_dir={tmp_path / 'out'}", "train.steps=2", "train.eval_every=2",
+                                         "train.eval_examples=2", "train.eval_decode=1", "task.max_new_tokens=4"))
+    assert json.loads((final / "manifest.json").read_text())["data"].endswith("calib.jsonl")
