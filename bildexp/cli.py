@@ -30,106 +30,80 @@ def _summary_table(rows: list[dict]) -> str:
     return df.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="")
 
 
-def run_command(argv: list[str]) -> int:
+def hydra_entry(config_name: str, prog: str, argv: list[str], body) -> int:
+    """Run body(DictConfig) under Hydra with conf/<config_name>.yaml; BildexpError → one line, exit 2."""
     import hydra
     from omegaconf import DictConfig
 
     from bildexp import BildexpError
-    from bildexp.config import register_configs, to_config
-    from bildexp.models import PairCache
-    from bildexp.runner import run
+    from bildexp.config import register_configs
 
     register_configs()
-    pairs = PairCache()  # lives across the jobs of one multirun
-    rows: list[dict] = []
-    csvs: list[str] = []
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def job(dcfg: DictConfig) -> None:
         try:
-            cfg = to_config(dcfg)
-            rows.append(run(cfg, pairs))
+            body(dcfg)
         except BildexpError as err:
             # Raised past Hydra (SystemExit is not an Exception) so the user sees one line, not a trace.
             print(f"bildexp: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        csv = str(Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv")
-        if csv not in csvs:
-            csvs.append(csv)
 
     check_group_choices(argv)
     # Hydra's argparse wants flags before overrides; accept `bildexp run task=x -m a=1,2` too.
     flags = [a for a in argv if a in ("-m", "--multirun")]
-    sys.argv = ["bildexp run", *flags, *[a for a in argv if a not in flags]]
+    sys.argv = [prog, *flags, *[a for a in argv if a not in flags]]
     try:
         job()
     except SystemExit as stop:  # ours (one-line error) or Hydra's (config error, --help, --cfg)
         if stop.code:
             return int(stop.code) if isinstance(stop.code, int) else 1
+    return 0
+
+
+def run_command(argv: list[str]) -> int:
+    from bildexp.config import to_config
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    pairs = PairCache()  # lives across the jobs of one multirun
+    rows: list[dict] = []
+    csvs: list[str] = []
+
+    def body(dcfg) -> None:
+        cfg = to_config(dcfg)
+        rows.append(run(cfg, pairs))
+        csv = str(Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv")
+        if csv not in csvs:
+            csvs.append(csv)
+
+    code = hydra_entry("config", "bildexp run", argv, body)
     if rows:
         print("\n" + _summary_table(rows))
         print("\nresults: " + ", ".join(csvs))
-    return 0
+    return code
 
 
 def train_command(argv: list[str]) -> int:
-    import hydra
-    from omegaconf import DictConfig
-
-    from bildexp import BildexpError
-    from bildexp.config import register_configs, to_train_config
+    from bildexp.config import to_train_config
     from bildexp.train import train
 
-    register_configs()
     command = " ".join(["bildexp", "train", *argv])
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-    def job(dcfg: DictConfig) -> None:
-        try:
-            print(train(to_train_config(dcfg), command))
-        except BildexpError as err:
-            print(f"bildexp: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    check_group_choices(argv)
-    sys.argv = ["bildexp train", *argv]
-    try:
-        job()
-    except SystemExit as stop:
-        if stop.code:
-            return int(stop.code) if isinstance(stop.code, int) else 1
-    return 0
+    return hydra_entry("train", "bildexp train", argv, lambda dcfg: print(train(to_train_config(dcfg), command)))
 
 
 def align_command(argv: list[str]) -> int:
-    import hydra
-    from omegaconf import DictConfig
-
-    from bildexp import BildexpError
     from bildexp.align import align
-    from bildexp.config import AlignRunConfig, register_configs, to_train_config
+    from bildexp.config import AlignRunConfig, to_train_config
 
-    register_configs()
     command = " ".join(["bildexp", "align", *argv])
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="align", version_base="1.3")
-    def job(dcfg: DictConfig) -> None:
-        try:
-            if dcfg.train.init is None:
-                dcfg.train.init = dcfg.pair.small  # alignment fine-tunes the pair's small model
-            align(to_train_config(dcfg, AlignRunConfig), command)
-        except BildexpError as err:
-            print(f"bildexp: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+    def body(dcfg) -> None:
+        if dcfg.train.init is None:
+            dcfg.train.init = dcfg.pair.small  # alignment fine-tunes the pair's small model
+        align(to_train_config(dcfg, AlignRunConfig), command)
 
-    check_group_choices(argv)
-    sys.argv = ["bildexp align", *argv]
-    try:
-        job()
-    except SystemExit as stop:
-        if stop.code:
-            return int(stop.code) if isinstance(stop.code, int) else 1
-    return 0
+    return hydra_entry("align", "bildexp align", argv, body)
 
 
 def check_group_choices(argv: list[str]) -> None:
