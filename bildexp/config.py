@@ -65,6 +65,8 @@ class PairConfig:
     device: str = "cpu"
     # torch intra-op threads; 1 is fastest for batch-1 decoding on these CPUs (ENVIRONMENT.md).
     threads: int = 1
+    # For pairs whose weights are built locally: the command that builds them (named when they are missing).
+    build: Optional[str] = None
 
 
 @dataclass

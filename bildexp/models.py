@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from bildexp import BildexpError
+from bildexp import PROJECT_ROOT, BildexpError
 from bildexp.config import PairConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,8 +52,13 @@ def builtin_builders() -> dict[str, tuple]:
 
 
 def resolve_path(name: str) -> str:
-    """builtin:<name>/<role> → the folder of a project-built model (built on first use); else unchanged."""
+    """builtin:<name>/<role> → the folder of a project-built model (built on first use); a relative
+    folder missing from the working directory but present in the project (testbeds/...) → that folder;
+    else unchanged (a hub id or a folder)."""
     if not name.startswith(BUILTIN):
+        in_project = PROJECT_ROOT / name
+        if not Path(name).is_absolute() and not Path(name).exists() and in_project.exists():
+            return str(in_project)
         return name
     builders = builtin_builders()
     key, _, role = name[len(BUILTIN) :].partition("/")
@@ -165,6 +170,10 @@ def assemble_pair(name: str, large, small, tokenizer, device: torch.device, dtyp
 def load_pair(cfg: PairConfig) -> ModelPair:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
+    if cfg.build:
+        for name in (cfg.large, cfg.small):
+            if not name.startswith(BUILTIN) and not Path(resolve_path(name)).exists():
+                raise BildexpError(f"model folder {name} of pair {cfg.name} not found: build it with `{cfg.build}`")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.large)
     large = load_model(cfg.large, dtype, device)
     small = load_model(cfg.small, dtype, device)

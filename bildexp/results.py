@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from bildexp import PROJECT_ROOT
 from bildexp.config import Config, policy_fields
 
 # Config values that say where or how loudly to run, not what is measured.
-_NOT_IN_ID = {"output_dir", "force", "progress"}
+_NOT_IN_ID = {"output_dir", "force", "progress", "build"}
 # Section-level `name` fields become these columns.
 _NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
 
@@ -74,7 +75,7 @@ def run_id(cfg: Config) -> str:
 
 
 def git_sha() -> str:
-    repo = Path(__file__).resolve().parents[1]
+    repo = PROJECT_ROOT
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True).stdout.strip()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bildexp import BildexpError
+from bildexp import PROJECT_ROOT, BildexpError
 from bildexp.config import TaskConfig
 from bildexp.models import ModelPair
 from bildexp.policies import Prompt
@@ -37,7 +37,7 @@ class TaskData:
 
 def default_data_dir() -> Path:
     env = os.environ.get("BILDEXP_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(env) if env else PROJECT_ROOT.parent / "shared" / "data"
 
 
 def read_jsonl(path: Path) -> list[Example]:

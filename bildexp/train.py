@@ -136,14 +136,14 @@ def lr_lambda(warmup: int, total: int):
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model, tokenizer, opt, sched, step: int) -> None:
+def save_checkpoint(out: Path, model, tokenizer, opt, sched, step: int, elapsed_s: float) -> None:
     """Write checkpoint.tmp, then swap it in, so a crash at any moment leaves one whole checkpoint."""
     tmp, ckpt, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+                "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed_s}, tmp / "trainer_state.pt")
     if ckpt.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(ckpt, old)
@@ -213,13 +213,13 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
 
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps))
-    step = 0
+    step, elapsed_before = 0, 0.0  # training seconds spent by earlier (interrupted) runs
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         print(f"resuming {tc.name} from step {step} ({ckpt})", file=sys.stderr)
 
     log = (out / "train_log.jsonl").open("a", encoding="utf-8")
@@ -257,7 +257,7 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
             tqdm.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items() if k != "step"), file=sys.stderr)
         log.flush()
         if done % tc.save_every == 0 or done == tc.steps:
-            save_checkpoint(out, model, tokenizer, opt, sched, done)
+            save_checkpoint(out, model, tokenizer, opt, sched, done, elapsed_before + time.perf_counter() - t_start)
     bar.close()
     log.close()
 
@@ -276,6 +276,7 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
         "seed": tc.seed,
         "params": n_params,
         "sha256": file_sha256(weights),
+        "time_s": round(elapsed_before + time.perf_counter() - t_start, 1),  # all runs, resumed ones included
         "time_s_this_run": round(time.perf_counter() - t_start, 1),
         "final_eval": last_eval,
         "torch_version": torch.__version__,

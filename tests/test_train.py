@@ -55,6 +55,9 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     resumed = train_mod.train(train_config("train=tiny_t5_toy", f"train.output_dir={tmp_path / 'b'}", *FAST))
     assert sha(resumed / "model.safetensors") == sha(whole / "model.safetensors")
+    # The manifest's time counts the interrupted run too.
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert manifest["time_s"] > manifest["time_s_this_run"] > 0
     # The finished run is not redone.
     mtime = (resumed / "model.safetensors").stat().st_mtime
     assert train_mod.train(train_config("train=tiny_t5_toy", f"train.output_dir={tmp_path / 'b'}", *FAST)) == resumed
