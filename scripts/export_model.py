@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("dst", type=Path, help="the testbed folder to (re)write")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--note", default="", help="free text kept in the manifest (e.g. how a run was resumed)")
+    ap.add_argument("--time-s", type=float, help="total training seconds, for runs whose manifest predates `time_s`")
     args = ap.parse_args()
     manifest = json.loads((args.src / "manifest.json").read_text())
     model = load_model(str(args.src), DTYPES[args.dtype], torch.device("cpu"))
@@ -42,6 +43,9 @@ def main() -> None:
         trained_weights_sha256=manifest.get("sha256"),
         exported_from=str(args.src),
     )
+    manifest.setdefault("time_s", manifest.get("time_s_this_run"))  # one uninterrupted run
+    if args.time_s is not None:
+        manifest["time_s"] = args.time_s
     if args.note:
         manifest["note"] = args.note
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

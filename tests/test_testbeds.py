@@ -42,3 +42,39 @@ def test_export_stores_bf16_with_a_manifest_that_matches(tmp_path):
     fp32, stored = load_model(str(final), torch.float32, torch.device("cpu")), load_model(str(dst), torch.float32, torch.device("cpu"))
     for (name, a), (_, b) in zip(fp32.state_dict().items(), stored.state_dict().items()):
         assert b.dtype == torch.float32 and torch.equal(a.to(torch.bfloat16).float(), b), name
+
+
+# ------------------------------------------------------------------ the committed t5_multi30k testbed
+TESTBED = PROJECT_ROOT / "testbeds" / "t5_multi30k"
+
+
+@pytest.mark.parametrize("role", ["large", "small", "small_aligned"])
+def test_committed_weights_match_their_manifests(role):
+    manifest = json.loads((TESTBED / role / "manifest.json").read_text())
+    assert file_sha256(TESTBED / role / "model.safetensors") == manifest["sha256"]
+    assert manifest["data"].startswith("local:multi30k_de_en/") or "calibration" in manifest["data"]
+    assert manifest["seed"] == 0 and manifest["command"].startswith("bildexp ") and manifest["time_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def multi30k():
+    from conftest import make_config
+    from test_exactness import hf_greedy, prompts
+
+    from bildexp.tasks import load_task
+
+    cfg = make_config("task=multi30k", "pair=t5_multi30k_aligned")
+    pair = load_pair(cfg.pair)
+    ps = prompts(pair, load_task(cfg.task, limit=12).examples, cfg.task)
+    return pair, ps, [hf_greedy(pair.large, pair, p) for p in ps], [hf_greedy(pair.small, pair, p) for p in ps]
+
+
+def test_real_pair_disagrees_and_bild_without_rollback_tolerance_equals_large_greedy(multi30k):
+    from test_exactness import run_policy
+
+    pair, ps, large_ref, small_ref = multi30k
+    assert sum(a != b for a, b in zip(large_ref, small_ref)) >= 3, "the trained small and large models should differ"
+    for fallback in (0.0, 0.5, 0.9):
+        out = run_policy(pair, ps, name="bild", fallback_threshold=fallback, rollback_threshold=0.0, max_small_steps=10)
+        assert [g.tokens for g in out] == large_ref, fallback
+        assert sum(g.counters["small_tokens"] for g in out) > 0
