@@ -26,9 +26,9 @@ help: ## list the targets
 
 install: .venv/.installed ## create .venv and install bildexp with its test dependencies
 
-demo: .venv/.installed ## BiLD vs vanilla on the embedded default: results/demo.csv + Figure-4 and Table-1 views
+demo: .venv/.installed ## BiLD vs vanilla on the t5_multi30k testbed: results/demo.csv + Figure-4 and Table-1 views
 	$(BILDEXP) run experiment=demo -m policy=vanilla policy.which=large,small
-	$(BILDEXP) run experiment=demo -m policy=bild policy.fallback_threshold=0.3,0.6,0.9 policy.rollback_threshold=1,3,6
+	$(BILDEXP) run experiment=demo -m policy=bild policy.fallback_threshold=0.5,0.7,0.9 policy.rollback_threshold=2,4
 	$(BILDEXP) plot --csv results/demo.csv --out results/figures
 	@cat results/figures/demo_table1.md
 
