@@ -53,6 +53,13 @@ class TaskConfig:
 
 
 @dataclass
+class EarlyExitConfig:
+    # BiLD's early-exit variant (paper Section 4.4): the small model is the first N decoder layers of
+    # the large model, with its final norm and LM head; null: two separate models.
+    small_layers: Optional[int] = None
+
+
+@dataclass
 class PairConfig:
     name: str = "tiny_t5"
     # Hub id, local folder, or "builtin:<tiny pair>/<large|small>" for the project-built tiny pairs.
@@ -67,6 +74,7 @@ class PairConfig:
     threads: int = 1
     # For pairs whose weights are built locally: the command that builds them (named when they are missing).
     build: Optional[str] = None
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
 
 
 @dataclass
@@ -85,6 +93,15 @@ class PolicyConfig:
     rollback_threshold: float = 2.0
     # bild: control returns to the large model after this many consecutive small tokens (paper: 10).
     max_small_steps: int = 10
+    # speculative, hf_assisted: tokens the small model drafts before each verification (paper sweep 3-10).
+    num_draft_tokens: int = 4
+    # calm: confidence measure of an exit: softmax_max, softmax_diff (top-1 minus top-2) or state
+    # (cosine of the hidden states after consecutive layers: saturation).
+    confidence_measure: str = "state"
+    # calm: a token exits at the first layer whose confidence exceeds lambda(t) =
+    # clip(0.9 * exit_threshold + 0.1 * exp(-exit_decay * t / max_new_tokens)); CALM's lambda and tau.
+    exit_threshold: float = 0.9
+    exit_decay: float = 0.0
 
 
 @dataclass
@@ -114,6 +131,9 @@ class Config:
 POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "vanilla": ("which",),
     "bild": ("fallback_threshold", "rollback_threshold", "max_small_steps"),
+    "speculative": ("num_draft_tokens",),
+    "hf_assisted": ("num_draft_tokens",),
+    "calm": ("confidence_measure", "exit_threshold", "exit_decay"),
 }
 SAMPLING_FIELDS = ("top_p", "temperature", "seed")
 
@@ -201,6 +221,7 @@ def register_configs() -> None:
 _CHOICES = {
     "policy.name": tuple(POLICY_FIELDS),
     "policy.which": ("large", "small"),
+    "policy.confidence_measure": ("softmax_max", "softmax_diff", "state"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.device": ("cpu", "cuda", "auto"),
     "task.data_source": ("auto", "local", "hub", "builtin"),
@@ -221,6 +242,15 @@ def validate(cfg: Config) -> Config:
         raise BildexpError(f"policy.rollback_threshold={p.rollback_threshold} is out of range: use a cross-entropy >= 0")
     if p.max_small_steps < 1:
         raise BildexpError(f"policy.max_small_steps={p.max_small_steps} must be >= 1")
+    if p.num_draft_tokens < 1:
+        raise BildexpError(f"policy.num_draft_tokens={p.num_draft_tokens} must be >= 1")
+    if not 0.0 <= p.exit_threshold <= 1.0:
+        raise BildexpError(f"policy.exit_threshold={p.exit_threshold} is out of range: use a value in [0, 1]")
+    if p.exit_decay < 0.0:
+        raise BildexpError(f"policy.exit_decay={p.exit_decay} must be >= 0")
+    ee = cfg.pair.early_exit.small_layers
+    if ee is not None and ee < 1:
+        raise BildexpError(f"pair.early_exit.small_layers={ee} must be >= 1 (or null for two separate models)")
     if not 0.0 < p.top_p <= 1.0:
         raise BildexpError(f"policy.top_p={p.top_p} is out of range: use a value in (0, 1]")
     if p.temperature <= 0.0:

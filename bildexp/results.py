@@ -40,12 +40,24 @@ def fmt(x: object) -> str:
     return str(x)
 
 
+def _flatten(values: dict[str, object]) -> dict[str, object]:
+    """Nested sections (pair.early_exit) contribute their keys, and only when set, so that adding an
+    optional sub-section leaves the run ids of runs that do not use it unchanged."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if v is not None})
+        else:
+            flat[key] = value
+    return flat
+
+
 def config_columns(cfg: Config) -> dict[str, object]:
     """Every config value that affects the run, under its config name: fallback_threshold, dtype, ..."""
     cols: dict[str, object] = {"experiment_name": cfg.experiment_name}
     for section in ("task", "pair", "policy", "runner"):
         values = policy_fields(cfg.policy) if section == "policy" else dataclasses.asdict(getattr(cfg, section))
-        for key, value in values.items():
+        for key, value in _flatten(values).items():
             if key in _NOT_IN_ID:
                 continue
             name = _NAME_COLUMNS[section] if key == "name" else key
@@ -61,6 +73,10 @@ def policy_label(cfg: Config) -> str:
         label = f"vanilla-{p.which}"
     elif p.name == "bild":
         label = f"bild-fb{fmt(p.fallback_threshold)}-rb{fmt(p.rollback_threshold)}-ms{p.max_small_steps}"
+    elif p.name in ("speculative", "hf_assisted"):
+        label = f"{p.name}-k{p.num_draft_tokens}"
+    elif p.name == "calm":
+        label = f"calm-{p.confidence_measure}-l{fmt(p.exit_threshold)}-t{fmt(p.exit_decay)}"
     else:
         label = p.name
     if p.sampling:

@@ -30,7 +30,9 @@ def example_seed(base: int, index: int) -> int:
 
 def summarize(records: list[dict]) -> dict[str, object]:
     lat = np.array([r["latency_ms"] for r in records], dtype=float)
-    sums = {k: int(sum(r["counters"].get(k, 0) for r in records)) for k in SUM_COUNTERS}
+    # Every counter any policy reported, summed; the common ones always get a column (0 when absent).
+    keys = list(SUM_COUNTERS) + sorted({k for r in records for k in r["counters"]} - set(SUM_COUNTERS))
+    sums = {k: int(sum(r["counters"].get(k, 0) for r in records)) for k in keys}
     n_tokens = sums["output_tokens"]
     large_tokens = sum(r["provenance"].count("L") for r in records)
     row: dict[str, object] = {
@@ -48,7 +50,23 @@ def summarize(records: list[dict]) -> dict[str, object]:
     # Rates: fallbacks per small-model decision; rolled-back tokens per small token kept at first.
     row["fallback_rate"] = sums["fallbacks"] / sums["small_steps"] if sums["small_steps"] else 0.0
     row["rollback_rate"] = sums["tokens_rolled_back"] / sums["small_tokens"] if sums["small_tokens"] else 0.0
+    row.update(policy_rates(sums))
     return row
+
+
+def policy_rates(sums: dict[str, int]) -> dict[str, object]:
+    """Derived columns of the policies that report the counters they need."""
+    rates: dict[str, object] = {}
+    if sums.get("drafts"):  # speculative: vLLM's definitions
+        rates["acceptance_rate"] = sums["accepted_tokens"] / max(sums["drafted_tokens"], 1)
+        rates["mean_accepted_length"] = 1 + sums["accepted_tokens"] / sums["drafts"]
+        by_pos = [sums[f"accepted_at_{i}"] / sums[f"drafted_at_{i}"] for i in range(1, 100) if sums.get(f"drafted_at_{i}")]
+        rates["acceptance_by_position"] = " ".join(f"{a:.3f}" for a in by_pos)
+    if sums.get("exits_total"):  # calm: layers counted from 1; exit at the last layer = no early exit
+        rates["mean_exit_layer"] = sums["exit_layer_sum"] / sums["exits_total"]
+        layers = sorted(int(k.rsplit("_", 1)[1]) for k in sums if k.startswith("exit_at_"))
+        rates["exit_layer_histogram"] = " ".join(f"{layer}:{sums[f'exit_at_{layer}']}" for layer in layers)
+    return rates
 
 
 def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
