@@ -153,6 +153,12 @@ class TrainConfig:
     init: Optional[str] = None
     # Keep only the first N decoder layers of init (a cheap draft sharing embeddings and head); null: all.
     init_layers: Optional[int] = None
+    # Early-exit training: none (the last layer's loss), bild (BiLD Section 4.4: 1/2 (L_exit_layer + L_last))
+    # or calm (CALM: sum_i w_i L_i over every decoder layer, w_i = i / sum_j j). Exits read the hidden state
+    # after a layer through the final norm and the shared LM head.
+    exit_loss: str = "none"
+    # bild: the 1-based decoder layer whose exit is trained (pair.early_exit.small_layers at decode time).
+    exit_layer: int = 1
     # From scratch: the transformers config class's arguments, plus `type` (t5 or llama).
     arch: dict[str, Any] = field(default_factory=dict)
     # Tokenizer (id or folder); null takes init's. From scratch with null, a SentencePiece model of
@@ -277,6 +283,10 @@ def to_train_config(dcfg: DictConfig, schema: type = TrainRunConfig) -> Any:
             raise BildexpError(f"train.{key}={getattr(t, key)} must be >= 1")
     if t.lr <= 0:
         raise BildexpError(f"train.lr={t.lr} must be > 0")
+    if t.exit_loss not in ("none", "bild", "calm"):
+        raise BildexpError(f"train.exit_loss={t.exit_loss!r}: use none, bild or calm")
+    if t.exit_layer < 1:
+        raise BildexpError(f"train.exit_layer={t.exit_layer} must be >= 1")
     return obj
 
 

@@ -31,6 +31,8 @@ class ModelPair:
     decoder_start_token_id: int | None
     device: torch.device
     dtype: torch.dtype
+    # BiLD's early-exit variant: the small model is the first N decoder layers of `large` (small is large).
+    small_layers: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +178,16 @@ def load_pair(cfg: PairConfig) -> ModelPair:
                 raise BildexpError(f"model folder {name} of pair {cfg.name} not found: build it with `{cfg.build}`")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.large)
     large = load_model(cfg.large, dtype, device)
+    n = cfg.early_exit.small_layers
+    if n is not None:  # one model; its first n layers are the small one
+        from bildexp.layerwise import decoder_layers
+
+        total = len(decoder_layers(large))
+        if not 1 <= n < total:
+            raise BildexpError(f"pair.early_exit.small_layers={n} must be in [1, {total - 1}]: {cfg.large} has {total} decoder layers")
+        pair = assemble_pair(cfg.name, large, large, tokenizer, device, dtype)
+        pair.small_layers = n
+        return pair
     small = load_model(cfg.small, dtype, device)
     check_vocabularies(cfg, large, small, tokenizer)
     return assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
@@ -188,7 +200,7 @@ class PairCache:
         self._pairs: dict[tuple, ModelPair] = {}
 
     def get(self, cfg: PairConfig) -> ModelPair:
-        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device)
+        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device, cfg.early_exit.small_layers)
         if key not in self._pairs:
             self._pairs.clear()  # one pair in memory at a time
             self._pairs[key] = load_pair(cfg)

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bildexp import file_sha256, metrics
+from bildexp import BildexpError, file_sha256, metrics
 from bildexp.config import PolicyConfig, TrainRunConfig
+from bildexp.layerwise import decoder_layers, exit_head
 from bildexp.models import assemble_pair, first_layers, load_model, load_tokenizer, resolve_device
 from bildexp.policies import make_policy
 from bildexp.tasks import Example, TaskData, decode, encode, load_task, load_train, read_jsonl
@@ -92,6 +93,37 @@ def loss_of(model, batch: dict) -> torch.Tensor:
     keep = labels != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [n_labelled, V]
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def exit_loss_of(model, batch: dict, kind: str, exit_layer: int) -> torch.Tensor:
+    """Early-exit training loss: a weighted sum of the cross-entropies of exits after several layers.
+
+    bild: 1/2 (L_exit_layer + L_last) (BiLD Section 4.4); calm: sum_i w_i L_i, w_i = i / sum_j j (CALM).
+    """
+    n = len(decoder_layers(model))
+    if kind == "bild":
+        if not 1 <= exit_layer < n:
+            raise BildexpError(f"train.exit_layer={exit_layer} must be in [1, {n - 1}] for a {n}-layer decoder")
+        weights = {exit_layer: 0.5, n: 0.5}
+    else:
+        weights = {i: i / (n * (n + 1) / 2) for i in range(1, n + 1)}
+    if model.config.is_encoder_decoder:
+        out = model(**batch, output_hidden_states=True)
+        hidden, labels = out.decoder_hidden_states, batch["labels"]  # hidden[i]: after layer i (i < n)
+        keep = labels != -100
+        last = out.logits[keep]
+    else:
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        hidden = [h[:, :-1] for h in out.hidden_states]  # position t predicts token t + 1
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        last = model.get_output_embeddings()(hidden[n][keep])  # hidden[n] is already normed
+    target = labels[keep]
+    loss = torch.zeros((), device=target.device)
+    for layer, w in weights.items():
+        logits = last if layer == n else exit_head(model, hidden[layer][keep])  # [n_labelled, V]
+        loss = loss + w * torch.nn.functional.cross_entropy(logits.float(), target)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -238,7 +270,7 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
         if epoch != epoch_of_batches:
             batches, epoch_of_batches = epoch_batches(lengths, tc.batch_size, tc.seed, epoch), epoch
         batch = collate([items[i] for i in batches[index]], pad_token(pair), device)
-        loss = loss_of(model, batch)
+        loss = loss_of(model, batch) if tc.exit_loss == "none" else exit_loss_of(model, batch, tc.exit_loss, tc.exit_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

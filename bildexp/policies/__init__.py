@@ -5,9 +5,12 @@ from __future__ import annotations
 from bildexp.config import PolicyConfig
 from bildexp.policies.base import Generation, Policy, Prompt
 from bildexp.policies.bild import BiLD
+from bildexp.policies.calm import CALM
+from bildexp.policies.hf_assisted import HFAssisted
+from bildexp.policies.speculative import Speculative
 from bildexp.policies.vanilla import Vanilla
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Vanilla, BiLD)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Vanilla, BiLD, CALM, Speculative, HFAssisted)}
 
 
 def make_policy(cfg: PolicyConfig) -> Policy:

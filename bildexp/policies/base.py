@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bildexp.cache import ModelState
 from bildexp.config import PolicyConfig
+from bildexp.layerwise import SharedLayers
 from bildexp.models import ModelPair
 
 LARGE, SMALL = "L", "S"
@@ -69,14 +71,38 @@ class Sequence:
         return torch.tensor([self.tokens[start:end]], dtype=torch.long, device=self.device)
 
 
-def sample_token(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
-    """Nucleus sampling from probs [V]: the smallest top set whose mass reaches top_p."""
-    sorted_p, order = torch.sort(probs, descending=True)
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [..., V] → the smallest top set whose mass reaches top_p, renormalised [..., V]."""
+    if top_p >= 1.0:  # keep every token (a float cumsum may pass 1 before the last one)
+        return probs
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
     # Keep a token while the mass before it is < top_p, so the top token is always kept.
-    keep = (torch.cumsum(sorted_p, dim=0) - sorted_p) < top_p
-    sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    keep_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = torch.where(keep, probs, torch.zeros_like(probs))
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from probs [V] (need not sum to 1), drawn in descending-probability order."""
+    # Sorting first keeps the draws of a seed identical to those of sample_token before `nucleus` existed.
+    sorted_p, order = torch.sort(probs, descending=True)
     idx = torch.multinomial(sorted_p.float().cpu(), 1, generator=generator)
     return int(order[idx.to(order.device)])
+
+
+def sample_token(probs: torch.Tensor, top_p: float, generator: torch.Generator) -> int:
+    """Nucleus sampling from probs [V]: the smallest top set whose mass reaches top_p."""
+    return sample(nucleus(probs, top_p), generator)
+
+
+def model_states(pair: ModelPair, prompt: Prompt) -> tuple:
+    """Fresh decoding states (large, small) for one example: two `ModelState`s, or for an early-exit pair
+    the two views of one `SharedLayers` (the small model = the large model's first layers)."""
+    if pair.small_layers is not None:
+        shared = SharedLayers(pair.large, pair.small_layers, prompt.encoder_input_ids)
+        return shared.large, shared.small
+    return ModelState(pair.large, prompt.encoder_input_ids), ModelState(pair.small, prompt.encoder_input_ids)
 
 
 class Policy:
@@ -97,14 +123,18 @@ class Policy:
             eos_ids=pair.eos_token_ids,
             device=pair.device,
         )
-        self.counters = Counter()
-        self.generator.manual_seed(seed)
+        self.reset(seed)
         self.begin(pair, prompt)
         while not self.done(seq):
             self.step(seq)
         generated = seq.tokens[seq.prefix_len :]
         self.counters["output_tokens"] = len(generated)
         return Generation(generated, "".join(seq.provenance), dict(self.counters))
+
+    def reset(self, seed: int) -> None:
+        """Fresh counters and random stream for one example."""
+        self.counters = Counter()
+        self.generator.manual_seed(seed)
 
     def begin(self, pair: ModelPair, prompt: Prompt) -> None:
         raise NotImplementedError
@@ -117,10 +147,15 @@ class Policy:
 
     # Token choice, shared by all policies so that greedy and sampling mean the same everywhere.
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [..., V] → the temperature-scaled softmax [..., V] (no nucleus filter)."""
         return torch.softmax(logits.float() / self.cfg.temperature, dim=-1)
 
+    def dist(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [..., V] → the distribution a sampled token is drawn from: temperature, then nucleus [..., V]."""
+        return nucleus(self.probs(logits), self.cfg.top_p)
+
     def choose(self, logits: torch.Tensor) -> int:
-        """logits [V] → the next token: argmax, or a nucleus sample."""
+        """logits [V] → the next token: argmax, or a sample from `dist`."""
         if not self.cfg.sampling:
             return int(logits.argmax())
-        return sample_token(self.probs(logits), self.cfg.top_p, self.generator)
+        return sample(self.dist(logits), self.generator)

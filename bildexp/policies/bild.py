@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import torch
 
-from bildexp.cache import ModelState
-from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence
+from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, model_states
 
 
 class BiLD(Policy):
     name = "bild"
 
     def begin(self, pair, prompt: Prompt) -> None:
-        self.large = ModelState(pair.large, prompt.encoder_input_ids)
-        self.small = ModelState(pair.small, prompt.encoder_input_ids)
+        self.large, self.small = model_states(pair, prompt)
         self.pending = 0  # trailing small tokens the large model has not verified yet
 
     def done(self, seq: Sequence) -> bool:

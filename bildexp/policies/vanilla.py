@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from bildexp.cache import ModelState
-from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence
+from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, model_states
 
 
 class Vanilla(Policy):
     name = "vanilla"
 
     def begin(self, pair, prompt: Prompt) -> None:
-        model = pair.large if self.cfg.which == "large" else pair.small
         self.source = LARGE if self.cfg.which == "large" else SMALL
-        self.state = ModelState(model, prompt.encoder_input_ids)
+        if self.cfg.which == "small" and pair.small_layers is not None:
+            self.state = model_states(pair, prompt)[1]  # an early-exit pair's first layers
+        else:
+            self.state = ModelState(pair.large if self.cfg.which == "large" else pair.small, prompt.encoder_input_ids)
 
     def step(self, seq: Sequence) -> None:
         logits = self.state.advance(seq.span(self.state.length))  # [1, V]

@@ -1,0 +1,243 @@
+"""Layer-wise execution of a T5/MT5 or Llama-family decoder: the module every early-exit method runs on.
+
+`LayerwiseDecoder` holds one example's decoder state (encoder output and KV cache) like
+`cache.ModelState`, but runs the decoder one slice of layers at a time:
+
+    embed(tokens)              token ids [1, k] → hidden states [1, k, D]
+    run(h, lo, hi)             layers lo..hi-1 over the next k positions of those layers
+    head(h)                    the exit head: final norm + shared LM head (or a trained per-layer head)
+    propagate(h, lo, hi)       CALM's state propagation: K/V of layers lo..hi-1 computed from h, so that
+                               later tokens can attend to a token that exited early
+    crop(n, lo, hi)            forget cached tokens >= n in layers lo..hi-1
+
+Each layer keeps its own cached length, so different layers may have seen different numbers of tokens
+(BiLD's early-exit variant runs the first layers ahead of the rest). Layers are counted from 0 here;
+user-facing exit layers (CALM's counters, `small_layers`) count from 1 = "after the first layer".
+
+It calls the models' own decoder layers, norms and heads (never a copy of their maths), except for
+`propagate`, which applies a layer's own K/V projections (and rotary embedding) without running it.
+Running all layers reproduces the model's forward logits (tests/test_layerwise.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
+
+from bildexp import BildexpError
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    if model.config.is_encoder_decoder and hasattr(model, "decoder") and hasattr(model.decoder, "block"):
+        return model.decoder.block  # T5, MT5
+    if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "rotary_emb"):
+        return model.model.layers  # Llama, Qwen2, SmolLM2, Mistral...
+    raise BildexpError(f"layer-wise execution supports T5/MT5 and Llama-family models, not {type(model).__name__}")
+
+
+def exit_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
+    """Hidden states [..., D] after any decoder layer → logits [..., V] through the final norm and LM head."""
+    if model.config.is_encoder_decoder:
+        h = model.decoder.final_layer_norm(h)
+        if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
+            h = h * model.model_dim**-0.5  # T5 with tied embeddings rescales before the shared head
+    else:
+        h = model.model.norm(h)
+    return model.lm_head(h)
+
+
+class LayerwiseDecoder:
+    """One example's decoder, run a slice of layers at a time over a per-layer KV cache."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        encoder_input_ids: torch.Tensor | None = None,
+        heads: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ):
+        # heads: optional trained exit heads, keyed by the 1-based layer they read (PPD's per-layer heads).
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.n_layers = len(self.layers)
+        self.heads = dict(heads or {})
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.lengths = [0] * self.n_layers  # tokens cached per layer
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        with torch.inference_mode():
+            if self.is_encoder_decoder:
+                if encoder_input_ids is None:
+                    raise ValueError("an encoder-decoder model needs encoder_input_ids")
+                self.encoder_hidden = model.get_encoder()(input_ids=encoder_input_ids).last_hidden_state
+                self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                self.self_cache = self.cache.self_attention_cache
+            else:
+                self.encoder_hidden = None
+                self.cache = DynamicCache()
+                self.self_cache = self.cache
+
+    # ------------------------------------------------------------------------------------ running
+    @torch.inference_mode()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens [1, k] → [1, k, D]
+        return self.model.get_input_embeddings()(tokens)
+
+    @torch.inference_mode()
+    def run(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Layers lo..hi-1 over h [1, k, D], the k positions after what those layers have cached."""
+        if lo >= hi:
+            return h
+        start = self.lengths[lo]
+        if any(self.lengths[i] != start for i in range(lo, hi)):
+            raise RuntimeError(f"layers {lo}..{hi - 1} hold different lengths {self.lengths[lo:hi]}")
+        k = h.shape[1]
+        mask = self._causal_mask(start, k)
+        if self.is_encoder_decoder:
+            attn = self.layers[0].layer[0].SelfAttention  # holds the relative position bias of all layers
+            bias = attn.compute_bias(k, start + k, device=h.device, past_seen_tokens=start)  # [1, H, k, start+k]
+            for layer in self.layers[lo:hi]:
+                h = layer(h, attention_mask=mask, position_bias=bias, encoder_hidden_states=self.encoder_hidden,
+                          past_key_values=self.cache)[0]
+        else:
+            positions = torch.arange(start, start + k, device=h.device).unsqueeze(0)  # [1, k]
+            rope = self.model.model.rotary_emb(h, position_ids=positions)
+            for layer in self.layers[lo:hi]:
+                h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                          position_embeddings=rope)
+        for i in range(lo, hi):
+            self.lengths[i] = start + k
+        return h
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """h [..., D] read after `layer` (1-based; None = the last) → logits [..., V]."""
+        if layer is not None and layer in self.heads:
+            return self.heads[layer](h)
+        return exit_head(self.model, h)
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """All layers over tokens [1, k] → logits [k, V]: what the model's own forward returns."""
+        return self.head(self.run(self.embed(tokens), 0, self.n_layers))[0]
+
+    @torch.inference_mode()
+    def propagate(self, h: torch.Tensor, lo: int, hi: int) -> None:
+        """State propagation (CALM): fill the K/V of layers lo..hi-1 at the next positions from h [1, k, D]."""
+        k = h.shape[1]
+        for i in range(lo, hi):
+            start, layer = self.lengths[i], self.layers[i]
+            if self.is_encoder_decoder:
+                attn = layer.layer[0].SelfAttention
+                x = layer.layer[0].layer_norm(h)
+                shape = (1, k, -1, attn.key_value_proj_dim)
+                key, value = attn.k(x).view(shape).transpose(1, 2), attn.v(x).view(shape).transpose(1, 2)
+            else:
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                shape = (1, k, -1, attn.head_dim)
+                key, value = attn.k_proj(x).view(shape).transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)
+                positions = torch.arange(start, start + k, device=h.device).unsqueeze(0)
+                cos, sin = self.model.model.rotary_emb(h, position_ids=positions)
+                # The model's own rotary function, from the module that defines its attention class.
+                rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+                key, _ = rotate(key, key, cos, sin)
+            self.self_cache.update(key, value, i)
+            self.lengths[i] = start + k
+
+    def crop(self, n: int, lo: int = 0, hi: int | None = None) -> None:
+        """Keep only the first n cached tokens of layers lo..hi-1 (self-attention; cross-attention stays)."""
+        for i in range(lo, self.n_layers if hi is None else hi):
+            drop = self.lengths[i] - n
+            if drop > 0:
+                self.self_cache.layers[i].crop(-drop)  # negative form: portable across transformers 5.x
+                self.lengths[i] = n
+
+    def _causal_mask(self, start: int, k: int) -> torch.Tensor | None:
+        """Additive mask [1, 1, k, start+k]: position start+j sees cached tokens and new tokens up to itself."""
+        if k == 1:
+            return None  # one new token sees everything cached
+        allowed = torch.ones(k, start + k, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        mask = torch.zeros(k, start + k, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[None, None]
+
+
+class SharedLayers:
+    """BiLD's early-exit variant (paper Section 4.4): the small model is the first n decoder layers of the
+    large model with its final norm and shared head, over ONE cache.
+
+    `small` and `large` behave like two `cache.ModelState`s (advance / rollback / length), so BiLD and
+    speculative decoding run on them unchanged. The small model's passes fill the first n layers' KV; the
+    large model's pass then runs only layers n.. over the hidden states the small passes left behind
+    (and the first n layers over tokens the small model has not seen), so every layer's KV holds real
+    values and no layer runs twice for a token.
+    """
+
+    def __init__(self, model: PreTrainedModel, n: int, encoder_input_ids: torch.Tensor | None = None):
+        self.dec = LayerwiseDecoder(model, encoder_input_ids)
+        if not 1 <= n < self.dec.n_layers:
+            raise BildexpError(f"pair.early_exit.small_layers={n} must be in [1, {self.dec.n_layers - 1}] for this {self.dec.n_layers}-layer decoder")
+        self.n = n
+        # Hidden states after layer n of the positions the first layers have seen and the rest have not.
+        self.pending = torch.empty(1, 0, model.config.d_model if self.dec.is_encoder_decoder else model.config.hidden_size,
+                                   dtype=self.dec.dtype, device=self.dec.device)  # [1, shallow - deep, D]
+        self.small, self.large = _View(self, deep=False), _View(self, deep=True)
+
+    @property
+    def shallow(self) -> int:
+        return self.dec.lengths[0]
+
+    @property
+    def deep(self) -> int:
+        return self.dec.lengths[self.n]
+
+    @torch.inference_mode()
+    def run_shallow(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens [1, k] after `shallow` → hidden states after layer n [1, k, D], also kept as pending
+        h = self.dec.run(self.dec.embed(tokens), 0, self.n)
+        self.pending = torch.cat([self.pending, h], dim=1)
+        return h
+
+    @torch.inference_mode()
+    def advance_small(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+        return self.dec.head(self.run_shallow(tokens)[:, -keep:], layer=self.n)[0]  # [keep, V]
+
+    @torch.inference_mode()
+    def advance_large(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+        k = tokens.shape[1]  # positions deep .. deep + k - 1
+        seen = self.shallow - self.deep  # of them, the first `seen` already went through the first n layers
+        if k > seen:
+            self.run_shallow(tokens[:, seen:])
+        h, self.pending = self.pending[:, :k], self.pending[:, k:]
+        h = self.dec.run(h, self.n, self.dec.n_layers)
+        return self.dec.head(h[:, -keep:])[0]  # [keep, V]
+
+    def rollback(self, m: int, deep: bool) -> None:
+        if deep or m < self.deep:  # a rejected token is gone for both models
+            self.dec.crop(m)
+        else:
+            self.dec.crop(m, 0, self.n)
+        self.pending = self.pending[:, : max(0, self.shallow - self.deep)]
+
+
+class _View:
+    """One side of `SharedLayers`, with the `cache.ModelState` interface."""
+
+    def __init__(self, shared: SharedLayers, deep: bool):
+        self.shared, self.deep = shared, deep
+
+    @property
+    def length(self) -> int:
+        return self.shared.deep if self.deep else self.shared.shallow
+
+    def advance(self, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        if not 1 <= keep <= tokens.shape[1]:
+            raise ValueError(f"keep={keep} must be in [1, {tokens.shape[1]}]")
+        return (self.shared.advance_large if self.deep else self.shared.advance_small)(tokens, keep)
+
+    def rollback(self, n: int) -> None:
+        if n > self.length:
+            raise ValueError(f"cannot roll back to {n}: only {self.length} tokens are cached")
+        self.shared.rollback(n, self.deep)
