@@ -10,8 +10,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k \
-	sweep-t5-multi30k sweep-smollm2 clean
+.PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,23 @@ t5-multi30k: .venv/.installed ## retrain the committed t5_multi30k testbed: larg
 	$(BILDEXP) align task=multi30k pair=t5_multi30k train=align_t5_multi30k align.calibration_examples=6000 \
 	  align.output_dir=checkpoints/t5_multi30k_aligned
 	$(PY) scripts/export_model.py checkpoints/t5_multi30k_aligned/small/final testbeds/t5_multi30k/small_aligned
+
+t5-multi30k-early-exit: .venv/.installed ## fine-tune the t5_multi30k large model for early exit (BiLD's and CALM's losses)
+	$(BILDEXP) train task=multi30k train=t5_multi30k_early_exit
+	$(BILDEXP) train task=multi30k train=t5_multi30k_calm
+	$(PY) scripts/export_model.py checkpoints/t5_multi30k_early_exit/final testbeds/t5_multi30k/early_exit
+	$(PY) scripts/export_model.py checkpoints/t5_multi30k_calm/final testbeds/t5_multi30k/calm
+
+sweep-baselines: .venv/.installed ## BiLD, speculative, hf_assisted, CALM and BiLD early exit on the t5_multi30k testbed
+	$(BILDEXP) run experiment=baselines_t5_multi30k -m pair=t5_multi30k,t5_multi30k_early_exit,t5_multi30k_calm \
+	  policy=vanilla policy.which=large,small
+	$(BILDEXP) run experiment=baselines_t5_multi30k -m policy=bild policy.fallback_threshold=0.5,0.7,0.9 policy.rollback_threshold=1,2,4
+	$(BILDEXP) run experiment=baselines_t5_multi30k -m policy=speculative,hf_assisted policy.num_draft_tokens=3,4,6,8,10
+	$(BILDEXP) run experiment=baselines_t5_multi30k -m pair=t5_multi30k_calm policy=calm \
+	  policy.exit_threshold=0.7,0.8,0.9,0.95,0.98 policy.exit_decay=0,4
+	$(BILDEXP) run experiment=baselines_t5_multi30k -m pair=t5_multi30k_early_exit policy=bild \
+	  policy.fallback_threshold=0.2,0.4,0.6,0.8 policy.rollback_threshold=0.5,1,1.5
+	$(BILDEXP) plot --csv results/baselines_t5_multi30k.csv --out results/figures --baseline-pair t5_multi30k
 
 sweep-t5-multi30k: .venv/.installed ## 12-point BiLD sweeps, unaligned and aligned, on the t5_multi30k testbed
 	$(BILDEXP) run experiment=t5_multi30k -m pair=t5_multi30k,t5_multi30k_aligned policy=vanilla policy.which=large,small

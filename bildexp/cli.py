@@ -4,7 +4,7 @@
     bildexp run -m KEY=A,B ...        sweep (Hydra multirun; jobs share loaded models)
     bildexp train [HYDRA OVERRIDES]   fine-tune or train a model on a task's training split (resumable)
     bildexp align [HYDRA OVERRIDES]   prediction alignment: fine-tune the small model on the large one's outputs
-    bildexp plot [--csv F] [--out D]  Figure-4 view (PNG, PDF) and Table-1 view (Markdown) from a CSV
+    bildexp plot [--csv F] [--out D] [--baseline-pair P]  Figure-4/baselines views (PNG, PDF), Tables 1, 3-4 (Markdown)
     bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2
 """
 
@@ -127,13 +127,15 @@ def plot_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bildexp plot", description="Figure-4 view and Table-1 view from a results CSV.")
     parser.add_argument("--csv", default="results/default.csv", help="results CSV (default: results/default.csv)")
     parser.add_argument("--out", default="results/figures", help="output folder (default: results/figures)")
+    parser.add_argument("--baseline-pair", default=None,
+                        help="pair whose vanilla-large run every speedup is against (default: the latest of any pair)")
     args = parser.parse_args(argv)
     from bildexp import BildexpError
     from bildexp.plots import make_all
 
     if not Path(args.csv).is_file():
         raise BildexpError(f"{args.csv} not found: run `bildexp run ...` first or pass --csv PATH")
-    for path in make_all(args.csv, args.out):
+    for path in make_all(args.csv, args.out, args.baseline_pair):
         print(path)
     return 0
 

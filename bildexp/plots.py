@@ -1,4 +1,5 @@
-"""Results CSV → the paper's Figure 4 (quality vs normalised latency) and Table 1 (best speedups).
+"""Results CSV → the paper's Figure 4 (quality vs normalised latency), Table 1 (best speedups), and the
+baselines view: BiLD, speculative, CALM and BiLD early exit on one plot, and Tables 3-4.
 
 This module owns every view built from a results CSV: finding the vanilla-large baseline of each
 (task, device, dtype) group, speedups against it, the Figure-4 scatter and the Table-1 Markdown.
@@ -50,23 +51,27 @@ def _group_name(key: tuple) -> str:
     return "task={} device={} dtype={}".format(*key)
 
 
-def _vanilla(df: pd.DataFrame, which: str) -> pd.DataFrame:
-    """The latest greedy vanilla row of each group for one model size (`which`); may miss groups."""
+def _vanilla(df: pd.DataFrame, which: str, pair: str | None = None) -> pd.DataFrame:
+    """The latest greedy vanilla row of each group for one model size (`which`), of `pair` when given
+    (else of any pair); may miss groups."""
     df = _normalise(df)
     rows = df[(df["policy"] == "vanilla") & (df["which"] == which) & ~df["sampling"]]
+    if pair is not None:
+        rows = rows[rows["pair"] == pair]
     # Re-running a baseline appends a row; the newest one reflects the current code.
     rows = rows.sort_values("_time").groupby(GROUP, dropna=False, sort=True).tail(1)
     return rows.drop(columns="_time").sort_values(GROUP).reset_index(drop=True)
 
 
-def baseline_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """One vanilla-large greedy row per (task, device, dtype) group; raises if a group lacks one."""
-    base = _vanilla(df, "large")
+def baseline_rows(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
+    """One vanilla-large greedy row per (task, device, dtype) group (of `pair` when given: with several
+    large models in one CSV, the one every speedup is against); raises if a group lacks one."""
+    base = _vanilla(df, "large", pair)
     have = set(base[GROUP].itertuples(index=False, name=None))
     for key, rows in df.groupby(GROUP, dropna=False, sort=True):
         if key not in have:
-            pair = sorted(rows["pair"].dropna().astype(str).unique())
-            pair_arg = pair[0] if pair else "<pair>"
+            pairs = sorted(rows["pair"].dropna().astype(str).unique())
+            pair_arg = pair or (pairs[0] if pairs else "<pair>")
             raise MissingBaselineError(
                 f"no vanilla-large baseline for {_group_name(key)}; run: bildexp run "
                 f"task={key[0]} pair={pair_arg} policy=vanilla policy.which=large "
@@ -75,9 +80,9 @@ def baseline_rows(df: pd.DataFrame) -> pd.DataFrame:
     return base
 
 
-def with_speedup(df: pd.DataFrame) -> pd.DataFrame:
+def with_speedup(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
     """Adds normalized_latency, speedup and quality_delta against each group's vanilla-large row."""
-    base = baseline_rows(df)[GROUP + ["latency_ms_mean", "headline_score", "headline_metric"]]
+    base = baseline_rows(df, pair)[GROUP + ["latency_ms_mean", "headline_score", "headline_metric"]]
     base = base.rename(columns=lambda c: c if c in GROUP else f"_base_{c}")
     out = df.merge(base, on=GROUP, how="left", validate="many_to_one")
     mixed = out[out["headline_metric"].notna()
@@ -118,9 +123,9 @@ def _pair_variant(pairs: pd.Series) -> pd.Series:
     return names.str[len(stem):].str.strip("-_ ./")
 
 
-def _methods(df: pd.DataFrame) -> pd.DataFrame:
+def _methods(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
     """Non-vanilla rows with speedups and a `series` label: policy, pair variant, sampling."""
-    rows = _normalise(with_speedup(df))
+    rows = _normalise(with_speedup(df, pair))
     rows = rows[rows["policy"] != "vanilla"].dropna(subset=["headline_score", "latency_ms_mean"])
     variant = rows.groupby(GROUP + ["policy"], dropna=False)["pair"].transform(_pair_variant)
     rows["series"] = [", ".join([str(p)] + ([v] if v else []) + (["sampling"] if smp else []))
@@ -128,14 +133,14 @@ def _methods(df: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def table1_frame(df: pd.DataFrame) -> pd.DataFrame:
+def table1_frame(df: pd.DataFrame, baseline_pair: str | None = None) -> pd.DataFrame:
     """Table 1 as data: per group and series, the fastest "no loss" and "within 1 point" rows.
 
     Returns one row per (group, series, criterion) with criterion in {"no loss", "within 1 point"};
     groups where no run qualifies are left out (table1 prints them as "—").
     """
-    base = with_speedup(baseline_rows(df))
-    methods = _methods(df)
+    base = with_speedup(baseline_rows(df, baseline_pair), baseline_pair)
+    methods = _methods(df, baseline_pair)
     picked = []
     for _, b in base.iterrows():
         same = (methods[GROUP] == b[GROUP].values).all(axis=1)
@@ -151,17 +156,17 @@ def table1_frame(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(picked, columns=cols).drop(columns="_time").reset_index(drop=True)
 
 
-def table1(df: pd.DataFrame) -> str:
+def table1(df: pd.DataFrame, baseline_pair: str | None = None) -> str:
     """BiLD Table 1 as Markdown: one column per group, rows vanilla large then each series' picks."""
-    base = with_speedup(baseline_rows(df))
-    picks = table1_frame(df)
+    base = with_speedup(baseline_rows(df, baseline_pair), baseline_pair)
+    picks = table1_frame(df, baseline_pair)
     keys = [tuple(k) for k in base[GROUP].itertuples(index=False)]
     header = ["run"] + [f"{t} / {d} / {p} ({m})"
                         for (t, d, p), m in zip(keys, base["headline_metric"])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.append("| vanilla large | " + " | ".join(
         f"{s:.2f}, 1.00x" for s in base["headline_score"]) + " |")
-    for series in sorted(_methods(df)["series"].unique()):
+    for series in sorted(_methods(df, baseline_pair)["series"].unique()):
         for criterion in ("no loss", "within 1 point"):
             cells = []
             for key in keys:
@@ -234,12 +239,12 @@ def _legend_handles(series_marker: dict, rb_color: dict, has_small: bool) -> lis
     return handles
 
 
-def figure4(df: pd.DataFrame) -> Figure:
+def figure4(df: pd.DataFrame, baseline_pair: str | None = None) -> Figure:
     """BiLD Figure 4: per group, score vs normalised latency; labels next to points = fallback."""
-    base = with_speedup(baseline_rows(df))
-    full = _normalise(with_speedup(df))
-    small = _vanilla(full, "small")
-    methods = _methods(df)
+    base = with_speedup(baseline_rows(df, baseline_pair), baseline_pair)
+    full = _normalise(with_speedup(df, baseline_pair))
+    small = _vanilla(full, "small", baseline_pair)
+    methods = _methods(df, baseline_pair)
     series_marker = {s: _MARKERS[i % len(_MARKERS)]
                      for i, s in enumerate(sorted(methods["series"].unique()))}
     rbs = sorted(methods["rollback_threshold"].fillna(-1.0).unique())
@@ -266,6 +271,109 @@ def figure4(df: pd.DataFrame) -> Figure:
     return fig
 
 
+# ------------------------------------------------------------------------- baselines (Tables 3-4)
+_BASELINE_POLICIES = ("speculative", "hf_assisted", "calm")
+
+
+def has_baselines(df: pd.DataFrame) -> bool:
+    return bool(df["policy"].isin(_BASELINE_POLICIES).any())
+
+
+def pareto(rows: pd.DataFrame) -> pd.DataFrame:
+    """The runs no other run beats on both latency and score, sorted by latency."""
+    rows = rows.sort_values(["normalized_latency", "headline_score"], ascending=[True, False])
+    return rows[rows["headline_score"] >= rows["headline_score"].cummax()]
+
+
+def baselines_figure(df: pd.DataFrame, baseline_pair: str | None = None) -> Figure:
+    """BiLD, speculative, CALM and BiLD early exit on one quality-vs-normalised-latency plot per group
+    (BiLD paper Figures 4, 6 and 7 on the same axes); every vanilla row is an x labelled with its pair."""
+    base = with_speedup(baseline_rows(df, baseline_pair), baseline_pair)
+    full = _normalise(with_speedup(df, baseline_pair))
+    methods = _methods(df, baseline_pair)
+    n = len(base)
+    fig = Figure(figsize=(7.5 * n, 5.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n, squeeze=False).ravel())
+    palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4"]
+    colors = {s: palette[i % len(palette)] for i, s in enumerate(sorted(methods["series"].unique()))}
+    for ax, (_, b) in zip(axes, base.iterrows()):
+        key = list(b[GROUP])
+        score = b["headline_score"]
+        ax.axhline(score, color="0.3", lw=1)
+        ax.axhline(score - ONE_POINT, color="0.3", lw=1, ls="--")
+        rows = methods[(methods[GROUP] == key).all(axis=1)]
+        for series, pts in rows.groupby("series", sort=True):
+            front = pareto(pts)
+            ax.scatter(pts["normalized_latency"], pts["headline_score"], color=colors[series], s=10, alpha=0.35)
+            ax.plot(front["normalized_latency"], front["headline_score"], "-o", color=colors[series], ms=4, lw=1,
+                    label=f"{series} (Pareto front of {len(pts)} runs)")
+        vanilla = full[(full["policy"] == "vanilla") & (full[GROUP] == key).all(axis=1)]
+        for _, v in vanilla.sort_values("_time").groupby(["pair", "which"]).tail(1).iterrows():
+            ax.scatter([v["normalized_latency"]], [v["headline_score"]], marker="X", s=60, color="k", zorder=4)
+            ax.annotate(f"{v['pair']} {v['which']}", (v["normalized_latency"], v["headline_score"]), xytext=(4, -9),
+                        textcoords="offset points", fontsize=6)
+        ax.set_xlabel(f"latency / vanilla large latency ({b['pair']})")
+        ax.set_ylabel(str(b["headline_metric"]))
+        ax.set_title("{} / {} / {}".format(*b[GROUP]), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def table3_frame(df: pd.DataFrame, baseline_pair: str | None = None, bild_series: str = "bild",
+                 spec_series: str = "speculative") -> pd.DataFrame:
+    """BiLD Table 3 as data, per group: vanilla large, the fastest speculative run, the best-scoring BiLD
+    run at least as fast (match latency) and the fastest BiLD run scoring at least as well (match quality)."""
+    base = with_speedup(baseline_rows(df, baseline_pair), baseline_pair)
+    methods = _methods(df, baseline_pair)
+    picked = []
+    for _, b in base.iterrows():
+        rows = methods[(methods[GROUP] == b[GROUP].values).all(axis=1)]
+        spec, bild = rows[rows["series"] == spec_series], rows[rows["series"] == bild_series]
+        picked.append(b.to_dict() | {"row": "vanilla large"})
+        if not len(spec):
+            continue
+        s = spec.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
+        picked.append(s.to_dict() | {"row": f"{spec_series} (fastest window)"})
+        faster = bild[bild["speedup"] >= s["speedup"]]
+        if len(faster):
+            best = faster.sort_values(["headline_score", "speedup"], ascending=False).iloc[0]
+            picked.append(best.to_dict() | {"row": f"{bild_series} (match latency)"})
+        better = bild[bild["headline_score"] >= s["headline_score"]]
+        if len(better):
+            best = better.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
+            picked.append(best.to_dict() | {"row": f"{bild_series} (match quality)"})
+    return pd.DataFrame(picked)
+
+
+def _settings(r: pd.Series) -> str:
+    if r["policy"] == "bild":
+        return f"(rollback, fallback) = {_thresholds(r)}"
+    if r["policy"] in ("speculative", "hf_assisted"):
+        return f"window {int(r['num_draft_tokens'])}"
+    return ""
+
+
+def table3(df: pd.DataFrame, baseline_pair: str | None = None) -> str:
+    """BiLD Table 3 (matched latency / matched quality against speculative) with Table 4's columns
+    (fallback and rollback % against speculative's rejection %), as Markdown."""
+    t = table3_frame(df, baseline_pair)
+    lines = ["| group | run | score | speedup | % fallback | % rollback (rejection) | settings |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in t.iterrows():
+        group = "{} / {} / {}".format(*r[GROUP])
+        if r["row"] == "vanilla large":
+            lines.append(f"| {group} | vanilla large | {r['headline_score']:.2f} | 1.00x | — | — | |")
+            continue
+        lines.append(f"| {group} | {r['row']} | {r['headline_score']:.2f} | {r['speedup']:.2f}x | "
+                     f"{100 * r['fallback_rate']:.2f}% | {100 * r['rollback_rate']:.2f}% | {_settings(r)} |")
+    lines += ["", "Speedup over the vanilla-large run of the same task, device and dtype"
+              + (f" (pair {baseline_pair})" if baseline_pair else "") + ". % fallback: hand-overs to the large "
+              "model per small-model step (speculative: one per drafted window); % rollback: small tokens discarded "
+              "per small token proposed (speculative: rejected draft tokens)."]
+    return "\n".join(lines) + "\n"
+
+
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
     """Writes `<stem>.png` and `<stem>.pdf`; returns both paths."""
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
@@ -279,11 +387,15 @@ def save_table(text: str, path: Path) -> Path:
     return path
 
 
-def make_all(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """Reads a results CSV; writes <stem>_figure4.png/.pdf and <stem>_table1.md into out_dir."""
+def make_all(csv_path: str | Path, out_dir: str | Path, baseline_pair: str | None = None) -> list[Path]:
+    """Reads a results CSV; writes <stem>_figure4.png/.pdf and <stem>_table1.md into out_dir, and when the
+    CSV holds speculative/hf_assisted/calm runs also <stem>_baselines.png/.pdf and <stem>_table3.md."""
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     df = pd.read_csv(csv_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = save_figure(figure4(df), out_dir / f"{csv_path.stem}_figure4")
-    paths.append(save_table(table1(df), out_dir / f"{csv_path.stem}_table1.md"))
+    paths = save_figure(figure4(df, baseline_pair), out_dir / f"{csv_path.stem}_figure4")
+    paths.append(save_table(table1(df, baseline_pair), out_dir / f"{csv_path.stem}_table1.md"))
+    if has_baselines(df):
+        paths += save_figure(baselines_figure(df, baseline_pair), out_dir / f"{csv_path.stem}_baselines")
+        paths.append(save_table(table3(df, baseline_pair), out_dir / f"{csv_path.stem}_table3.md"))
     return paths

@@ -153,3 +153,50 @@ def test_aligned_pair_is_its_own_series():
     rows = _md_rows(plots.table1(pd.concat([df, pd.DataFrame([aligned])], ignore_index=True)))
     assert rows["bild, aligned, no loss"] == ["40.10, 1.82x, (3, 0.9)", "—"]
     assert rows["bild, no loss"] == ["40.00, 1.67x, (2, 0.4)", "35.20, 2.00x, (3, 0.5)"]
+
+
+def baselines_results() -> pd.DataFrame:
+    """One group with two large models (the BiLD pair's and a fine-tuned early-exit one) and every baseline."""
+    iw = ("iwslt2017", "mt5-iwslt", "bleu")
+    rows = [
+        _row(*iw, "vanilla", "large", NAN, NAN, 40.0, 1000.0, minute=5),
+        # The early-exit pair's own large model, run later and faster by noise: it must NOT be the baseline.
+        _row("iwslt2017", "mt5-iwslt-early_exit", "bleu", "vanilla", "large", NAN, NAN, 38.0, 800.0, minute=9),
+        #            fb   rb   score latency   speedup
+        _row(*iw, "bild", None, 0.9, 1.0, 40.5, 900.0),   # 1.11x
+        _row(*iw, "bild", None, 0.6, 2.0, 40.2, 760.0),   # 1.32x  both picks
+        _row(*iw, "bild", None, 0.5, 3.0, 39.8, 700.0),   # 1.43x
+        _row(*iw, "bild", None, 0.3, 3.0, 39.0, 500.0),   # 2.00x
+        _row("iwslt2017", "mt5-iwslt-early_exit", "bleu", "bild", None, 0.4, 1.0, 37.5, 600.0),
+    ]
+    for k, lat in ((3, 850.0), (6, 800.0)):  # speculative greedy is exact: the baseline's score
+        r = _row(*iw, "speculative", None, NAN, NAN, 40.0, lat)
+        rows.append(r | {"num_draft_tokens": k, "run_id": f"spec{k}", "fallback_rate": 1 / k, "rollback_rate": 0.3})
+    r = _row(*iw, "calm", None, NAN, NAN, 39.5, 700.0)
+    rows.append(r | {"run_id": "calm"})
+    return pd.DataFrame(rows)
+
+
+def test_table3_picks_match_latency_and_match_quality():
+    t = plots.table3_frame(baselines_results(), baseline_pair="mt5-iwslt").set_index("row")
+    assert t.loc["vanilla large", "latency_ms_mean"] == 1000.0  # the named pair's baseline, not the later one
+    assert t.loc["speculative (fastest window)", "num_draft_tokens"] == 6  # 1.25x
+    # At least as fast as speculative (>= 1.25x): 1.32x/40.2, 1.43x/39.8, 2.00x/39.0 → the best score, 40.2.
+    assert t.loc["bild (match latency)", "speedup"] == pytest.approx(1000 / 760)
+    # Scoring at least speculative's 40.0: 40.5 (1.11x) and 40.2 (1.32x) → the fastest, 1.32x.
+    assert t.loc["bild (match quality)", "headline_score"] == 40.2
+    text = plots.table3(baselines_results(), baseline_pair="mt5-iwslt")
+    assert "| speculative (fastest window) | 40.00 | 1.25x | 16.67% | 30.00% | window 6 |" in text
+
+
+def test_baselines_figure_has_one_pareto_curve_per_series(tmp_path):
+    df = baselines_results()
+    fig = plots.baselines_figure(df, baseline_pair="mt5-iwslt")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert [lab.split(" (")[0] for lab in labels] == ["bild", "bild, early_exit", "calm", "speculative"]
+    # Every bild run here is on the front: each faster one scores lower.
+    front = plots.pareto(plots._methods(df, "mt5-iwslt").query("series == 'bild'"))
+    assert list(front["headline_score"]) == [39.0, 39.8, 40.2, 40.5]
+    df.to_csv(tmp_path / "b.csv", index=False)
+    names = sorted(p.name for p in plots.make_all(tmp_path / "b.csv", tmp_path / "fig", "mt5-iwslt"))
+    assert names == ["b_baselines.pdf", "b_baselines.png", "b_figure4.pdf", "b_figure4.png", "b_table1.md", "b_table3.md"]
