@@ -1,0 +1,83 @@
+"""bildexp's speculative greedy decoding against transformers' assisted generation, on one pair and one clock.
+
+Both are exact (greedy output = the large model's), so their outputs must be identical token for token;
+the script checks that on every example and reports the ratio of their mean latencies, plus vanilla
+large for reference. Policies run interleaved example by example (A, B, C, A, B, C, ...) after a warm-up,
+so that drift in machine load hits all of them alike. Threads, dtype, device and versions are printed.
+
+    python scripts/bench_speculative.py --experiment baselines_t5_multi30k --pair t5_multi30k --windows 3,4,6 --limit 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+
+from bildexp.cli import CONF_DIR
+from bildexp.config import PolicyConfig, register_configs, to_config
+from bildexp.models import load_pair
+from bildexp.policies import make_policy
+from bildexp.tasks import encode, load_task
+from bildexp.timing import Stopwatch, apply_threads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experiment", default="baselines_t5_multi30k", help="experiment config giving the task and split")
+    ap.add_argument("--pair", default="t5_multi30k")
+    ap.add_argument("--windows", default="3,4,6", help="num_draft_tokens values")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = to_config(compose(config_name="config", overrides=[f"experiment={args.experiment}", f"pair={args.pair}"]))
+    threads = apply_threads(cfg.pair.threads)
+    pair = load_pair(cfg.pair)
+    examples = load_task(cfg.task, args.limit).examples
+    prompts = [encode(ex, cfg.task, pair)[0] for ex in examples]
+    max_new = cfg.task.max_new_tokens
+    print(f"pair {args.pair}, task {cfg.task.name} ({len(prompts)} examples), device {pair.device}, dtype {cfg.pair.dtype}, "
+          f"threads {threads}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+    policies = {"vanilla-large": make_policy(PolicyConfig(name="vanilla"))}
+    for k in (int(x) for x in args.windows.split(",")):
+        policies[f"speculative-k{k}"] = make_policy(PolicyConfig(name="speculative", num_draft_tokens=k))
+        policies[f"hf_assisted-k{k}"] = make_policy(PolicyConfig(name="hf_assisted", num_draft_tokens=k))
+    for policy in policies.values():
+        for p in prompts[: args.warmup]:
+            policy.decode(pair, p, max_new)
+
+    ms: dict[str, list[float]] = {name: [] for name in policies}
+    tokens: dict[str, list[list[int]]] = {name: [] for name in policies}
+    for p in prompts:
+        for name, policy in policies.items():
+            with Stopwatch(pair.device) as sw:
+                gen = policy.decode(pair, p, max_new)
+            ms[name].append(sw.ms)
+            tokens[name].append(gen.tokens)
+
+    base = statistics.mean(ms["vanilla-large"])
+    print(f"{'policy':<18} {'mean ms':>9} {'p50 ms':>8} {'vs vanilla':>10}  identical to vanilla-large greedy")
+    for name in policies:
+        same = sum(a == b for a, b in zip(tokens[name], tokens["vanilla-large"]))
+        mean = statistics.mean(ms[name])
+        print(f"{name:<18} {mean:9.1f} {statistics.median(ms[name]):8.1f} {base / mean:9.2f}x  {same}/{len(prompts)}")
+    for k in (int(x) for x in args.windows.split(",")):
+        a, b = f"speculative-k{k}", f"hf_assisted-k{k}"
+        same = sum(x == y for x, y in zip(tokens[a], tokens[b]))
+        ratio = statistics.mean(ms[b]) / statistics.mean(ms[a])
+        print(f"window {k}: hf_assisted / bildexp speculative latency = {ratio:.2f}x; identical outputs {same}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()
