@@ -16,7 +16,7 @@ import bildexp.train as train_mod
 from bildexp import BildexpError
 from bildexp.cache import ModelState
 from bildexp.config import PolicyConfig
-from bildexp.layerwise import LayerwiseDecoder, SharedLayers
+from bildexp.layerwise import LayerwiseDecoder, SharedLayers, decoder_layers
 from bildexp.models import first_layers, load_pair
 from bildexp.policies import make_policy
 
@@ -161,3 +161,21 @@ def test_exit_losses_are_the_weighted_layer_losses(tiny_pair, toy_examples, kind
         got = train_mod.exit_loss_of(model, batch, kind, exit_layer=1)
     weights = {1: 0.5, n: 0.5} if kind == "bild" else {i: i / (n * (n + 1) / 2) for i in range(1, n + 1)}
     torch.testing.assert_close(got, sum(w * per_layer[i] for i, w in weights.items()), atol=1e-5, rtol=1e-5)
+
+
+def test_runner_rows_for_calm_and_early_exit(tmp_path, pair_name):
+    """The real configs end to end: CALM reports its exit layers; an early-exit pair is its own run id."""
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    common = (f"pair={pair_name}", f"runner.output_dir={tmp_path}", "runner.limit=3", "runner.warmup=0",
+              "runner.progress=false", "task.max_new_tokens=24")
+    pairs = PairCache()
+    row = run(make_config(*common, "policy=calm", "policy.confidence_measure=softmax_max", "policy.exit_threshold=0.3"), pairs)
+    n_layers = len(decoder_layers(pairs.get(make_config(*common).pair).large))
+    assert 1 <= row["mean_exit_layer"] < n_layers
+    assert sum(int(c.split(":")[1]) for c in row["exit_layer_histogram"].split()) == row["exits_total"] == row["output_tokens"]
+    ee = run(make_config(*common, "policy=bild", "pair.early_exit.small_layers=1"), pairs)
+    plain = run(make_config(*common, "policy=bild"), pairs)
+    assert ee["small_layers"] == 1 and "small_layers" not in plain
+    assert ee["run_id"] != plain["run_id"]
