@@ -48,7 +48,7 @@ def test_export_stores_bf16_with_a_manifest_that_matches(tmp_path):
 TESTBED = PROJECT_ROOT / "testbeds" / "t5_multi30k"
 
 
-@pytest.mark.parametrize("role", ["large", "small", "small_aligned"])
+@pytest.mark.parametrize("role", ["large", "small", "small_aligned", "early_exit", "calm"])
 def test_committed_weights_match_their_manifests(role):
     manifest = json.loads((TESTBED / role / "manifest.json").read_text())
     assert file_sha256(TESTBED / role / "model.safetensors") == manifest["sha256"]
@@ -78,3 +78,35 @@ def test_real_pair_disagrees_and_bild_without_rollback_tolerance_equals_large_gr
         out = run_policy(pair, ps, name="bild", fallback_threshold=fallback, rollback_threshold=0.0, max_small_steps=10)
         assert [g.tokens for g in out] == large_ref, fallback
         assert sum(g.counters["small_tokens"] for g in out) > 0
+
+
+def test_real_pair_speculative_and_assisted_equal_large_greedy(multi30k):
+    from test_exactness import run_policy
+
+    pair, ps, large_ref, _ = multi30k
+    for name in ("speculative", "hf_assisted"):
+        out = run_policy(pair, ps, name=name, num_draft_tokens=4)
+        assert [g.tokens for g in out] == large_ref, name
+        if name == "speculative":  # drafts were both accepted and rejected
+            assert sum(g.counters["accepted_tokens"] for g in out) > 0 and sum(g.counters["tokens_rolled_back"] for g in out) > 0
+
+
+@pytest.mark.parametrize("pair_name", ["t5_multi30k_early_exit", "t5_multi30k_calm"])
+def test_real_early_exit_models_are_lossless_at_their_exact_settings(pair_name):
+    """The fine-tuned early-exit models: BiLD early exit with rollback 0 and CALM that never exits both
+    equal the model's own greedy output, while the first-layer exit really disagrees with it."""
+    from conftest import make_config
+    from test_exactness import hf_greedy, prompts, run_policy
+
+    from bildexp.tasks import load_task
+
+    cfg = make_config("task=multi30k", f"pair={pair_name}")
+    pair = load_pair(cfg.pair)
+    ps = prompts(pair, load_task(cfg.task, limit=12).examples, cfg.task)
+    ref = [hf_greedy(pair.large, pair, p) for p in ps]
+    first_layer = run_policy(pair, ps, name="vanilla", which="small")
+    assert sum(g.tokens != r for g, r in zip(first_layer, ref)) >= 3
+    bild = run_policy(pair, ps, name="bild", fallback_threshold=0.3, rollback_threshold=0.0)
+    assert [g.tokens for g in bild] == ref and sum(g.counters["small_tokens"] for g in bild) > 0
+    calm = run_policy(pair, ps, name="calm", exit_threshold=1.0, exit_decay=0.0)
+    assert [g.tokens for g in calm] == ref
