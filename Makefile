@@ -76,7 +76,7 @@ t5-multi30k-early-exit: .venv/.installed ## fine-tune the t5_multi30k large mode
 sweep-baselines: .venv/.installed ## BiLD, speculative, hf_assisted, CALM and BiLD early exit on the t5_multi30k testbed
 	$(BILDEXP) run experiment=baselines_t5_multi30k -m pair=t5_multi30k,t5_multi30k_early_exit,t5_multi30k_calm \
 	  policy=vanilla policy.which=large,small
-	$(BILDEXP) run experiment=baselines_t5_multi30k -m policy=bild policy.fallback_threshold=0.5,0.7,0.9 policy.rollback_threshold=1,2,4
+	$(BILDEXP) run experiment=baselines_t5_multi30k -m policy=bild policy.fallback_threshold=0.3,0.5,0.7,0.9 policy.rollback_threshold=1,2,4
 	$(BILDEXP) run experiment=baselines_t5_multi30k -m policy=speculative,hf_assisted policy.num_draft_tokens=3,4,6,8,10
 	$(BILDEXP) run experiment=baselines_t5_multi30k -m pair=t5_multi30k_calm policy=calm \
 	  policy.exit_threshold=0.7,0.8,0.9,0.95,0.98 policy.exit_decay=0,4
