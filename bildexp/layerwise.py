@@ -42,11 +42,21 @@ def exit_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
     """Hidden states [..., D] after any decoder layer → logits [..., V] through the final norm and LM head."""
     if model.config.is_encoder_decoder:
         h = model.decoder.final_layer_norm(h)
-        if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
+        if _rescales_decoder_output(model.config):
             h = h * model.model_dim**-0.5  # T5 with tied embeddings rescales before the shared head
     else:
         h = model.model.norm(h)
     return model.lm_head(h)
+
+
+def _rescales_decoder_output(config) -> bool:
+    """Whether T5-style models scale the last hidden state by d_model^-0.5 before the LM head, as their
+    own forward does: transformers 5.23 keeps it in T5Config.scale_decoder_outputs (MT5 never rescales,
+    and its config forces tie_word_embeddings=True); earlier releases rescaled T5 with tied embeddings."""
+    flag = getattr(config, "scale_decoder_outputs", None)
+    if flag is not None:
+        return bool(flag)
+    return config.model_type == "t5" and bool(config.tie_word_embeddings)
 
 
 class LayerwiseDecoder:

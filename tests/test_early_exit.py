@@ -179,3 +179,32 @@ def test_runner_rows_for_calm_and_early_exit(tmp_path, pair_name):
     plain = run(make_config(*common, "policy=bild"), pairs)
     assert ee["small_layers"] == 1 and "small_layers" not in plain
     assert ee["run_id"] != plain["run_id"]
+
+
+def _random_model(kind: str):
+    """Tiny random-init models of the other supported families (logit equality needs no training)."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "mt5":  # gated-GELU feed-forward, untied head (no output rescaling)
+        cfg = MT5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=2, num_decoder_layers=3, num_heads=4,
+                        decoder_start_token_id=0, tie_word_embeddings=False)
+        return MT5ForConditionalGeneration(cfg).eval()
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["mt5", "qwen2"])
+def test_layerwise_supports_mt5_and_other_llama_family_models(kind):
+    model = _random_model(kind)
+    enc = torch.tensor([[5, 6, 7, 1]]) if kind == "mt5" else None
+    tokens = torch.tensor([[0, 9, 10, 11, 12]])
+    ref, lw = ModelState(model, enc), LayerwiseDecoder(model, enc)
+    torch.testing.assert_close(lw.logits(tokens[:, :3]), ref.advance(tokens[:, :3], keep=3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lw.logits(tokens[:, 3:]), ref.advance(tokens[:, 3:], keep=2), atol=1e-5, rtol=1e-5)
+    # State propagation (with the model's own rotary embedding for Qwen2) fills every layer.
+    prop = LayerwiseDecoder(model, enc)
+    prop.propagate(prop.run(prop.embed(tokens[:, :1]), 0, 1), 1, prop.n_layers)
+    assert prop.lengths == [1] * prop.n_layers
+    assert prop.logits(tokens[:, 1:2]).shape == (1, 64)
