@@ -16,7 +16,7 @@ user-facing exit layers (CALM's counters, `small_layers`) count from 1 = "after 
 
 It calls the models' own decoder layers, norms and heads (never a copy of their maths), except for
 `propagate`, which applies a layer's own K/V projections (and rotary embedding) without running it.
-Running all layers reproduces the model's forward logits (tests/test_layerwise.py).
+Running all layers reproduces the model's forward logits (tests/test_early_exit.py).
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from bildexp import BildexpError
 
 
+# Model types whose decoder layers, embeddings and heads `LayerwiseDecoder` drives as their own forward
+# does (tested). Others of the family differ in ways that matter here (Gemma scales embeddings, Qwen3
+# normalises keys, Mistral may use a sliding window), so they are refused rather than run wrongly.
+SUPPORTED = {"t5": "encoder-decoder", "mt5": "encoder-decoder", "llama": "decoder-only", "qwen2": "decoder-only"}
+
+
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    if model.config.is_encoder_decoder and hasattr(model, "decoder") and hasattr(model.decoder, "block"):
-        return model.decoder.block  # T5, MT5
-    if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "rotary_emb"):
-        return model.model.layers  # Llama, Qwen2, SmolLM2, Mistral...
-    raise BildexpError(f"layer-wise execution supports T5/MT5 and Llama-family models, not {type(model).__name__}")
+    kind = SUPPORTED.get(model.config.model_type)
+    if kind is None:
+        raise BildexpError(f"layer-wise execution (early exit, CALM) supports {', '.join(SUPPORTED)} models, "
+                           f"not {model.config.model_type}: use one of those or extend bildexp/layerwise.py")
+    return model.decoder.block if kind == "encoder-decoder" else model.model.layers
 
 
 def exit_head(model: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
@@ -187,12 +193,10 @@ class SharedLayers:
 
     def __init__(self, model: PreTrainedModel, n: int, encoder_input_ids: torch.Tensor | None = None):
         self.dec = LayerwiseDecoder(model, encoder_input_ids)
-        if not 1 <= n < self.dec.n_layers:
-            raise BildexpError(f"pair.early_exit.small_layers={n} must be in [1, {self.dec.n_layers - 1}] for this {self.dec.n_layers}-layer decoder")
-        self.n = n
+        self.n = n  # 1 <= n < n_layers, checked when the pair is loaded
         # Hidden states after layer n of the positions the first layers have seen and the rest have not.
-        self.pending = torch.empty(1, 0, model.config.d_model if self.dec.is_encoder_decoder else model.config.hidden_size,
-                                   dtype=self.dec.dtype, device=self.dec.device)  # [1, shallow - deep, D]
+        width = model.get_input_embeddings().embedding_dim
+        self.pending = torch.empty(1, 0, width, dtype=self.dec.dtype, device=self.dec.device)  # [1, shallow - deep, D]
         self.small, self.large = _View(self, deep=False), _View(self, deep=True)
 
     @property

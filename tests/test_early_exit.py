@@ -208,3 +208,19 @@ def test_layerwise_supports_mt5_and_other_llama_family_models(kind):
     prop.propagate(prop.run(prop.embed(tokens[:, :1]), 0, 1), 1, prop.n_layers)
     assert prop.lengths == [1] * prop.n_layers
     assert prop.logits(tokens[:, 1:2]).shape == (1, 64)
+
+
+def test_unsupported_model_type_is_one_line():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2))
+    with pytest.raises(BildexpError, match="supports t5, mt5, llama, qwen2 models, not gpt2"):
+        LayerwiseDecoder(model)
+
+
+def test_trained_exit_heads_replace_the_shared_head(setup):
+    pair, ps, _ = setup
+    lw = LayerwiseDecoder(pair.large, encoder_ids(pair, ps[0]), heads={1: lambda h: h.sum(-1, keepdim=True)})
+    h = lw.run(lw.embed(torch.tensor([ps[0].decoder_prefix])), 0, 1)
+    torch.testing.assert_close(lw.head(h, layer=1), h.sum(-1, keepdim=True))
+    assert lw.head(h, layer=2).shape[-1] == pair.large.get_output_embeddings().weight.shape[0]
