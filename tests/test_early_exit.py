@@ -224,3 +224,11 @@ def test_trained_exit_heads_replace_the_shared_head(setup):
     h = lw.run(lw.embed(torch.tensor([ps[0].decoder_prefix])), 0, 1)
     torch.testing.assert_close(lw.head(h, layer=1), h.sum(-1, keepdim=True))
     assert lw.head(h, layer=2).shape[-1] == pair.large.get_output_embeddings().weight.shape[0]
+
+
+def test_self_speculation_on_an_early_exit_pair_equals_greedy(setup, early_exit_pair):
+    """Speculative decoding with the first layer as the draft (LayerSkip-style) over the shared cache."""
+    _, ps, large_ref = setup
+    got = [make_policy(PolicyConfig(name="speculative", num_draft_tokens=3)).decode(early_exit_pair, p, MAX_NEW) for p in ps]
+    assert [g.tokens for g in got] == large_ref
+    assert sum(g.counters["accepted_tokens"] for g in got) > 0 and sum(g.counters["tokens_rolled_back"] for g in got) > 0
