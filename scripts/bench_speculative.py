@@ -20,10 +20,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 import transformers
-from hydra import compose, initialize_config_dir
 
-from bildexp.cli import CONF_DIR
-from bildexp.config import PolicyConfig, register_configs, to_config
+from bildexp.cli import compose_config
+from bildexp.config import PolicyConfig
 from bildexp.models import load_pair
 from bildexp.policies import make_policy
 from bildexp.tasks import encode, load_task
@@ -38,9 +37,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=[f"experiment={args.experiment}", f"pair={args.pair}"]))
+    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}")
     threads = apply_threads(cfg.pair.threads)
     pair = load_pair(cfg.pair)
     examples = load_task(cfg.task, args.limit).examples

@@ -18,11 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from bildexp.align import greedy_outputs, top1_agreement
-from bildexp.cli import CONF_DIR
-from bildexp.config import PairConfig, register_configs, to_config
+from bildexp.cli import compose_config
+from bildexp.config import PairConfig
 from bildexp.layerwise import decoder_layers
 from bildexp.models import first_layers, load_pair
 from bildexp.tasks import encode, load_task
@@ -36,9 +35,7 @@ def main() -> None:
     ap.add_argument("--experiment", default="t5_multi30k", help="experiment config giving the split")
     ap.add_argument("--limit", type=int, default=100)
     args = ap.parse_args()
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = to_config(compose(config_name="config", overrides=[f"experiment={args.experiment}", f"task={args.task}"]))
+    cfg = compose_config(f"experiment={args.experiment}", f"task={args.task}")
     threads = apply_threads(1)
     examples = load_task(cfg.task, args.limit).examples
     print(f"task {cfg.task.name} ({len(examples)} examples), fp32, cpu, threads {threads}")

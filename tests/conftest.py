@@ -11,10 +11,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from bildexp.cli import CONF_DIR
-from bildexp.config import Config, register_configs, to_config
+from bildexp.cli import compose_config
+from bildexp.config import Config
 from bildexp.models import load_pair
 from bildexp.tasks import load_task
 
@@ -23,9 +22,7 @@ torch.set_num_threads(1)
 
 def make_config(*overrides: str) -> Config:
     """Compose the real conf/ with overrides, exactly as `bildexp run` does."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=list(overrides)))
+    return compose_config(*overrides)
 
 
 @pytest.fixture(scope="session", params=["tiny_t5", "tiny_llama"])
