@@ -1,0 +1,96 @@
+"""Predictive Pipelined Decoding (Yang et al., 2023): the paper's latency/compute model as code.
+
+Times are in layer-forward units (one decoder layer for one token = 1), so a vanilla token costs d.
+An early prediction at layer d̄ (top-k candidates) is correct with probability p (the match rate);
+tokens form runs of consecutive correct predictions, and a run of X tokens takes d + (X - 1) d̄.
+
+    expected_latency(d, d̄, ℓ, p)          Theorem 4.1: dℓ − (d − d̄)(ℓ − 1)p
+    expected_compute(d, d̄, ℓ, p, k)       Theorem 4.1: dℓ − (d − d̄)(ℓ − 1)p + k(d − d̄)ℓ
+    latency_per_token(p)                  Equation 2 (d̄ = d/2, ℓ ≫ 1): 1 − p/2, as a share of d
+    compute_per_time(p, k)                Equation 4: (k + 2 − p) / (2 − p) compute units per time unit
+    compute_per_token(p, k)               Equation 6: (2 + k − p) / 2, as a share of d
+    simulate(d, d̄, ℓ, p, k, trials, seed) Monte Carlo of the pipeline: run lengths drawn as geometric
+                                          variables, each run's time and compute summed as in the proof
+
+`trade_off_figure` draws the paper's Figures 2 and 4 (latency against compute per time unit, and per
+token) with measured match rates as points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def expected_latency(d: float, dbar: float, ell: int, p: float) -> float:
+    return d * ell - (d - dbar) * (ell - 1) * p
+
+
+def expected_compute(d: float, dbar: float, ell: int, p: float, k: int) -> float:
+    return expected_latency(d, dbar, ell, p) + k * (d - dbar) * ell
+
+
+def latency_per_token(p):
+    return 1 - np.asarray(p) / 2
+
+
+def compute_per_time(p, k: int):
+    p = np.asarray(p)
+    return (k + 2 - p) / (2 - p)
+
+
+def compute_per_token(p, k: int):
+    return (2 + k - np.asarray(p)) / 2
+
+
+def simulate(d: float, dbar: float, ell: int, p: float, k: int, trials: int = 20000, seed: int = 0) -> tuple[float, float]:
+    """Mean total latency and compute of generating ℓ tokens over `trials` simulated generations.
+
+    A run continues while early predictions are correct, so its length X is geometric with success
+    probability 1 − p (support 1, 2, ...), cut at the tokens still to generate. A run costs d + (X − 1)d̄
+    time; for (d − d̄)X of it k + 1 units compute (the main token and k candidates), else one.
+    """
+    rng = np.random.default_rng(seed)
+    remaining = np.full(trials, ell)
+    latency = np.zeros(trials)
+    compute = np.zeros(trials)
+    while (active := remaining > 0).any():
+        x = remaining.copy() if p >= 1.0 else np.minimum(rng.geometric(1.0 - p, size=trials), remaining)
+        x = np.where(active, x, 0)
+        t = np.where(active, d + (x - 1) * dbar, 0.0)
+        latency += t
+        compute += np.where(active, t - (d - dbar) * x + (k + 1) * (d - dbar) * x, 0.0)
+        remaining -= x
+    return float(latency.mean()), float(compute.mean())
+
+
+def trade_off_figure(points: dict[str, dict[int, float]], ks: tuple[int, ...] = (1, 3, 5)) -> Figure:
+    """PPD Figures 2 and 4 (d̄ = d/2): normalised per-token latency against compute units per time unit
+    (left) and per token (right), as curves over p for each k, with measured match rates as points.
+
+    points: label (e.g. "multi30k layer 2") → {k: measured match rate at d̄ = d/2}.
+    """
+    fig = Figure(figsize=(11, 4.3), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    p = np.linspace(0, 1, 101)
+    colors = {k: c for k, c in zip(ks, ["#1b9e77", "#d95f02", "#7570b3", "#e7298a"])}
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for k in ks:
+        left.plot(compute_per_time(p, k), latency_per_token(p), color=colors[k], lw=1, label=f"k = {k} (p from 0 to 1)")
+        right.plot(compute_per_token(p, k), latency_per_token(p), color=colors[k], lw=1, label=f"k = {k}")
+    for (label, rates), marker in zip(sorted(points.items()), markers):
+        for k, rate in sorted(rates.items()):
+            if k not in colors:
+                continue
+            kw = dict(color=colors[k], marker=marker, s=40, edgecolor="k", lw=0.5, zorder=3)
+            left.scatter([compute_per_time(rate, k)], [latency_per_token(rate)], **kw)
+            right.scatter([compute_per_token(rate, k)], [latency_per_token(rate)], **kw)
+        right.scatter([], [], marker=marker, color="w", edgecolor="k", label=label)
+    left.set_xlabel("compute units per time unit (Eq. 4)")
+    right.set_xlabel("compute per token / d (Eq. 6)")
+    for ax in (left, right):
+        ax.set_ylabel("latency per token / d (Eq. 2)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("PPD latency-compute trade-off at d̄ = d/2 (points: measured match rates)", fontsize=10)
+    return fig
