@@ -102,6 +102,10 @@ class PolicyConfig:
     # clip(0.9 * exit_threshold + 0.1 * exp(-exit_decay * t / max_new_tokens)); CALM's lambda and tau.
     exit_threshold: float = 0.9
     exit_decay: float = 0.0
+    # ppd_match: the 1-based decoder layers whose early prediction is checked (empty: every layer but the
+    # last), and the top-k sizes (PPD Table 1: does the top-k at layer l contain the final top-1?).
+    match_layers: list[int] = field(default_factory=list)
+    match_top_k: list[int] = field(default_factory=lambda: [1, 3, 5])
 
 
 @dataclass
@@ -134,6 +138,7 @@ POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "speculative": ("num_draft_tokens",),
     "hf_assisted": ("num_draft_tokens",),
     "calm": ("confidence_measure", "exit_threshold", "exit_decay"),
+    "ppd_match": ("match_layers", "match_top_k"),
 }
 SAMPLING_FIELDS = ("top_p", "temperature", "seed")
 
@@ -252,6 +257,8 @@ def validate(cfg: Config) -> Config:
         raise BildexpError(f"policy.num_draft_tokens={p.num_draft_tokens} must be >= 1")
     if not 0.0 <= p.exit_threshold <= 1.0:
         raise BildexpError(f"policy.exit_threshold={p.exit_threshold} is out of range: use a value in [0, 1]")
+    if any(k < 1 for k in p.match_top_k) or any(layer < 1 for layer in p.match_layers) or not p.match_top_k:
+        raise BildexpError(f"policy.match_layers={p.match_layers} / match_top_k={p.match_top_k}: use layers >= 1 and top-k sizes >= 1")
     if p.exit_decay < 0.0:
         raise BildexpError(f"policy.exit_decay={p.exit_decay} must be >= 0")
     ee = cfg.pair.early_exit.small_layers

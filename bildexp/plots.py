@@ -388,14 +388,24 @@ def save_table(text: str, path: Path) -> Path:
 
 
 def make_all(csv_path: str | Path, out_dir: str | Path, baseline_pair: str | None = None) -> list[Path]:
-    """Reads a results CSV; writes <stem>_figure4.png/.pdf and <stem>_table1.md into out_dir, and when the
-    CSV holds speculative/hf_assisted/calm runs also <stem>_baselines.png/.pdf and <stem>_table3.md."""
+    """Reads a results CSV; writes into out_dir <stem>_figure4.png/.pdf and <stem>_table1.md (BiLD runs);
+    <stem>_baselines.png/.pdf and <stem>_table3.md when it holds speculative/hf_assisted/calm runs; and
+    <stem>_ppd_table1.md, <stem>_ppd_positions.md, <stem>_ppd_tradeoff.png/.pdf for ppd_match runs."""
+    from bildexp import ppd
+
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     df = pd.read_csv(csv_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = save_figure(figure4(df, baseline_pair), out_dir / f"{csv_path.stem}_figure4")
-    paths.append(save_table(table1(df, baseline_pair), out_dir / f"{csv_path.stem}_table1.md"))
+    stem = out_dir / csv_path.stem
+    paths: list[Path] = []
+    if (df["policy"] != "ppd_match").any():
+        paths += save_figure(figure4(df, baseline_pair), Path(f"{stem}_figure4"))
+        paths.append(save_table(table1(df, baseline_pair), Path(f"{stem}_table1.md")))
     if has_baselines(df):
-        paths += save_figure(baselines_figure(df, baseline_pair), out_dir / f"{csv_path.stem}_baselines")
-        paths.append(save_table(table3(df, baseline_pair), out_dir / f"{csv_path.stem}_table3.md"))
+        paths += save_figure(baselines_figure(df, baseline_pair), Path(f"{stem}_baselines"))
+        paths.append(save_table(table3(df, baseline_pair), Path(f"{stem}_table3.md")))
+    if (df["policy"] == "ppd_match").any():
+        paths.append(save_table(ppd.table1(df), Path(f"{stem}_ppd_table1.md")))
+        paths.append(save_table(ppd.position_tables(df), Path(f"{stem}_ppd_positions.md")))
+        paths += save_figure(ppd.trade_off_figure(ppd.half_depth_points(df)), Path(f"{stem}_ppd_tradeoff"))
     return paths

@@ -18,7 +18,10 @@ token) with measured match rates as points.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 
@@ -94,3 +97,69 @@ def trade_off_figure(points: dict[str, dict[int, float]], ks: tuple[int, ...] = 
         ax.legend(fontsize=7)
     fig.suptitle("PPD latency-compute trade-off at d̄ = d/2 (points: measured match rates)", fontsize=10)
     return fig
+
+
+# ------------------------------------------------------------------------- match-rate tables (CSV → Markdown)
+def match_rates(df: pd.DataFrame) -> pd.DataFrame:
+    """ppd_match rows of a results CSV → one row per (run, layer, k, bucket) with the match rate.
+
+    bucket is "total" or the 0-based token-position bucket; positions is its token range.
+    """
+    out = []
+    for _, r in df[df["policy"] == "ppd_match"].iterrows():
+        d = int(r["decoder_layers"] / r["n_examples"])
+        width = -(-int(r["max_new_tokens"]) // 8)
+        for col in r.index:
+            m = re.fullmatch(r"match_l(\d+)_k(\d+)(?:_p(\d+))?", col)
+            if m is None or pd.isna(r[col]):
+                continue
+            layer, k, b = int(m[1]), int(m[2]), m[3]
+            steps = r["match_steps" if b is None else f"match_steps_p{b}"]
+            if pd.isna(steps) or steps == 0:
+                continue
+            positions = "total" if b is None else f"{int(b) * width + 1}–{(int(b) + 1) * width}"
+            out.append({"task": r["task"], "pair": r["pair"], "d": d, "layer": layer, "k": k, "trained": "N",
+                        "bucket": "total" if b is None else int(b), "positions": positions, "rate": r[col] / steps})
+    return pd.DataFrame(out)
+
+
+def table1(df: pd.DataFrame) -> str:
+    """PPD Table 1 layout: rows (task / pair, top-k, trained), columns the checked layers."""
+    rates = match_rates(df)
+    rates = rates[rates["bucket"] == "total"]
+    lines = []
+    for (task, pair, d), g in rates.groupby(["task", "pair", "d"], sort=True):
+        layers = sorted(g["layer"].unique())
+        lines += [f"**{task} / {pair}** (d = {d} decoder layers)", "",
+                  "| top-k | trained | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
+                  "|---|---|" + "---|" * len(layers)]
+        for (k, trained), row in g.groupby(["k", "trained"], sort=True):
+            cells = [f"{100 * row[row['layer'] == layer]['rate'].iloc[0]:.2f}%" for layer in layers]
+            lines.append(f"| {k} | {trained} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def position_tables(df: pd.DataFrame) -> str:
+    """PPD Tables 4-6 layout: per task / pair, rows (layer, top-k, trained), columns token-position buckets."""
+    rates = match_rates(df)
+    lines = []
+    for (task, pair, d), g in rates.groupby(["task", "pair", "d"], sort=True):
+        buckets = g[g["bucket"] != "total"].drop_duplicates("bucket").sort_values("bucket")
+        lines += [f"**{task} / {pair}** (d = {d})", "",
+                  "| layer | top-k | trained | " + " | ".join(buckets["positions"]) + " | total |",
+                  "|---|---|---|" + "---|" * (len(buckets) + 1)]
+        for (layer, k, trained), row in g.groupby(["layer", "k", "trained"], sort=True):
+            by = {b: rate for b, rate in zip(row["bucket"], row["rate"])}
+            cells = [f"{100 * by[b]:.2f}%" if b in by else "—" for b in list(buckets["bucket"]) + ["total"]]
+            lines.append(f"| {layer} | {k} | {trained} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def half_depth_points(df: pd.DataFrame) -> dict[str, dict[int, float]]:
+    """Measured match rates at d̄ = d/2 (rounded down) per task / pair: the points of Figures 2 and 4."""
+    rates = match_rates(df)
+    rates = rates[(rates["bucket"] == "total") & (rates["layer"] == rates["d"] // 2)]
+    return {f"{t} / {p} (layer {int(g['layer'].iloc[0])} of {int(g['d'].iloc[0])})": dict(zip(g["k"], g["rate"]))
+            for (t, p), g in rates.groupby(["task", "pair"], sort=True)}

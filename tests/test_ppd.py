@@ -43,3 +43,54 @@ def test_trade_off_figure_has_both_panels():
     fig = ppd.trade_off_figure({"multi30k layer 2": {1: 0.5, 3: 0.7, 5: 0.8}})
     points = [sum(len(c.get_offsets()) for c in ax.collections) for ax in fig.axes]
     assert len(fig.axes) == 2 and points == [3, 3]  # one point per k in each panel
+
+
+# ------------------------------------------------------------------------------ match rates (policy=ppd_match)
+def test_ppd_match_decodes_greedily_and_counts_exit_agreement(tiny_pair, toy_examples):
+    """ppd_match's output is the large model's greedy output, and its top-1 rate at layer l is the agreement
+    of the model cut to l layers with that output (teacher-forced): the same event, counted another way."""
+    import torch
+
+    from bildexp.align import top1_agreement
+    from bildexp.config import PolicyConfig
+    from bildexp.layerwise import decoder_layers
+    from bildexp.models import first_layers
+    from bildexp.policies import make_policy
+
+    from conftest import make_config
+    from test_exactness import MAX_NEW, hf_greedy, prompts
+
+    ps = prompts(tiny_pair, toy_examples, make_config().task)
+    n = len(decoder_layers(tiny_pair.large))
+    vocab = tiny_pair.large.get_output_embeddings().weight.shape[0]
+    policy = make_policy(PolicyConfig(name="ppd_match", match_top_k=[1, 2, vocab]))
+    gens = [policy.decode(tiny_pair, p, MAX_NEW) for p in ps]
+    assert [g.tokens for g in gens] == [hf_greedy(tiny_pair.large, tiny_pair, p) for p in ps]
+    total = lambda key: sum(g.counters.get(key, 0) for g in gens)  # noqa: E731
+    steps = total("match_steps")
+    assert steps == sum(len(g.tokens) for g in gens)
+    for layer in range(1, n):
+        with torch.inference_mode():
+            agreement = top1_agreement(first_layers(tiny_pair.large, layer), ps, [g.tokens for g in gens])
+        assert total(f"match_l{layer}_k1") / steps == pytest.approx(agreement, abs=1e-9)
+        assert total(f"match_l{layer}_k1") <= total(f"match_l{layer}_k2") <= total(f"match_l{layer}_k{vocab}") == steps
+    # Buckets partition the steps.
+    assert sum(total(f"match_steps_p{b}") for b in range(8)) == steps
+
+
+def test_match_tables_from_a_csv(tmp_path, pair_name):
+    from bildexp import plots
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    from conftest import make_config
+
+    cfg = make_config(f"pair={pair_name}", "policy=ppd_match", f"runner.output_dir={tmp_path}", "runner.limit=4",
+                      "runner.warmup=0", "runner.progress=false", "task.max_new_tokens=16", "experiment_name=ppd")
+    run(cfg, PairCache())
+    df = ppd.pd.read_csv(tmp_path / "ppd.csv")
+    t1 = ppd.table1(df)
+    assert "| 1 | N |" in t1 and "| 5 | N |" in t1 and "layer 1" in t1
+    assert "1–2 | 3–4 |" in ppd.position_tables(df)  # eight buckets of 16 / 8 tokens
+    names = sorted(p.name for p in plots.make_all(tmp_path / "ppd.csv", tmp_path / "fig"))
+    assert names == ["ppd_ppd_positions.md", "ppd_ppd_table1.md", "ppd_ppd_tradeoff.pdf", "ppd_ppd_tradeoff.png"]

@@ -7,10 +7,11 @@ from bildexp.policies.base import Generation, Policy, Prompt
 from bildexp.policies.bild import BiLD
 from bildexp.policies.calm import CALM
 from bildexp.policies.hf_assisted import HFAssisted
+from bildexp.policies.ppd_match import PPDMatch
 from bildexp.policies.speculative import Speculative
 from bildexp.policies.vanilla import Vanilla
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Vanilla, BiLD, CALM, Speculative, HFAssisted)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Vanilla, BiLD, CALM, Speculative, HFAssisted, PPDMatch)}
 
 
 def make_policy(cfg: PolicyConfig) -> Policy:
