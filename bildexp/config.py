@@ -106,6 +106,9 @@ class PolicyConfig:
     # last), and the top-k sizes (PPD Table 1: does the top-k at layer l contain the final top-1?).
     match_layers: list[int] = field(default_factory=list)
     match_top_k: list[int] = field(default_factory=lambda: [1, 3, 5])
+    # ppd_match: a folder with trained per-layer heads (`bildexp train ... train.exit_heads=[...]`); null:
+    # every layer reads through the model's own final norm and LM head (the paper's "trained: N").
+    match_heads: Optional[str] = None
 
 
 @dataclass
@@ -138,7 +141,7 @@ POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "speculative": ("num_draft_tokens",),
     "hf_assisted": ("num_draft_tokens",),
     "calm": ("confidence_measure", "exit_threshold", "exit_decay"),
-    "ppd_match": ("match_layers", "match_top_k"),
+    "ppd_match": ("match_layers", "match_top_k", "match_heads"),
 }
 SAMPLING_FIELDS = ("top_p", "temperature", "seed")
 
@@ -164,6 +167,9 @@ class TrainConfig:
     exit_loss: str = "none"
     # bild: the 1-based decoder layer whose exit is trained (pair.early_exit.small_layers at decode time).
     exit_layer: int = 1
+    # PPD's per-layer heads: with layers listed, the model is frozen and one head per layer (a copy of the
+    # final norm and LM head) is trained on the hidden state after it; saved as final/exit_heads.*.
+    exit_heads: list[int] = field(default_factory=list)
     # From scratch: the transformers config class's arguments, plus `type` (t5 or llama).
     arch: dict[str, Any] = field(default_factory=dict)
     # Tokenizer (id or folder); null takes init's. From scratch with null, a SentencePiece model of

@@ -21,8 +21,11 @@ Running all layers reproduces the model's forward logits (tests/test_early_exit.
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
@@ -63,6 +66,56 @@ def _rescales_decoder_output(config) -> bool:
     if flag is not None:
         return bool(flag)
     return config.model_type == "t5" and bool(config.tie_word_embeddings)
+
+
+class ExitHead(torch.nn.Module):
+    """A trained exit head for one layer (PPD's per-layer classifier): a copy of the model's final norm and
+    LM head, trained on the hidden state after that layer while the model stays frozen."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        final_norm = model.decoder.final_layer_norm if model.config.is_encoder_decoder else model.model.norm
+        self.norm = copy.deepcopy(final_norm)
+        weight = model.get_output_embeddings().weight  # [V, D]
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+        rescale = model.config.is_encoder_decoder and _rescales_decoder_output(model.config)
+        self.scale = model.model_dim**-0.5 if rescale else 1.0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h [..., D] → logits [..., V]; starts out equal to the shared head
+        return self.proj(self.norm(h) * self.scale)
+
+
+class ExitHeads(torch.nn.ModuleDict):
+    """Trained exit heads keyed by their 1-based layer; saved as exit_heads.safetensors + exit_heads.json."""
+
+    def __init__(self, model: PreTrainedModel, layers: list[int]):
+        n = len(decoder_layers(model))
+        if not layers or any(not 1 <= layer < n for layer in layers):
+            raise BildexpError(f"exit heads {layers}: use layers in [1, {n - 1}] of this {n}-layer decoder")
+        super().__init__({str(layer): ExitHead(model) for layer in sorted(set(layers))})
+
+    def items(self):  # (int layer, head), in layer order
+        return [(int(k), v) for k, v in super().items()]
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / "exit_heads.safetensors"))
+        (folder / "exit_heads.json").write_text(json.dumps({"layers": [layer for layer, _ in self.items()]}) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, model: PreTrainedModel) -> "ExitHeads":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "exit_heads.json").is_file():
+            raise BildexpError(f"no exit_heads.json in {folder}: train heads with `bildexp train ... train.exit_heads=[...]`")
+        heads = cls(model, json.loads((folder / "exit_heads.json").read_text())["layers"])
+        heads.load_state_dict(load_file(str(folder / "exit_heads.safetensors"), device=str(next(model.parameters()).device)))
+        return heads.to(next(model.parameters()).dtype).eval()
 
 
 class LayerwiseDecoder:

@@ -118,7 +118,8 @@ def match_rates(df: pd.DataFrame) -> pd.DataFrame:
             if pd.isna(steps) or steps == 0:
                 continue
             positions = "total" if b is None else f"{int(b) * width + 1}–{(int(b) + 1) * width}"
-            out.append({"task": r["task"], "pair": r["pair"], "d": d, "layer": layer, "k": k, "trained": "N",
+            trained = "N" if pd.isna(r.get("match_heads")) else "Y"
+            out.append({"task": r["task"], "pair": r["pair"], "d": d, "layer": layer, "k": k, "trained": trained,
                         "bucket": "total" if b is None else int(b), "positions": positions, "rate": r[col] / steps})
     return pd.DataFrame(out)
 
@@ -161,5 +162,5 @@ def half_depth_points(df: pd.DataFrame) -> dict[str, dict[int, float]]:
     """Measured match rates at d̄ = d/2 (rounded down) per task / pair: the points of Figures 2 and 4."""
     rates = match_rates(df)
     rates = rates[(rates["bucket"] == "total") & (rates["layer"] == rates["d"] // 2)]
-    return {f"{t} / {p} (layer {int(g['layer'].iloc[0])} of {int(g['d'].iloc[0])})": dict(zip(g["k"], g["rate"]))
-            for (t, p), g in rates.groupby(["task", "pair"], sort=True)}
+    return {f"{t} / {p}, trained {tr} (layer {int(g['layer'].iloc[0])} of {int(g['d'].iloc[0])})": dict(zip(g["k"], g["rate"]))
+            for (t, p, tr), g in rates.groupby(["task", "pair", "trained"], sort=True)}

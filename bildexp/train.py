@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from bildexp import BildexpError, file_sha256, metrics
 from bildexp.config import PolicyConfig, TrainRunConfig
-from bildexp.layerwise import decoder_layers, exit_head
+from bildexp.layerwise import ExitHeads, decoder_layers, exit_head
 from bildexp.models import assemble_pair, first_layers, load_model, load_tokenizer, resolve_device
 from bildexp.policies import make_policy
 from bildexp.tasks import Example, TaskData, decode, encode, load_task, load_train, read_jsonl
@@ -95,6 +95,24 @@ def loss_of(model, batch: dict) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
 
+def layer_states(model, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One forward over a batch → (hidden states after layers 1..n-1 at the labelled positions, each
+    [n_labelled, D]; the last layer's logits there [n_labelled, V]; the labels [n_labelled])."""
+    n = len(decoder_layers(model))
+    if model.config.is_encoder_decoder:
+        out = model(**batch, output_hidden_states=True)
+        hidden, labels = out.decoder_hidden_states, batch["labels"]  # hidden[i]: after layer i (i < n)
+        keep = labels != -100
+        last = out.logits[keep]
+    else:
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        hidden = [h[:, :-1] for h in out.hidden_states]  # position t predicts token t + 1
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        last = model.get_output_embeddings()(hidden[n][keep])  # hidden[n] is already normed
+    return [hidden[i][keep] for i in range(1, n)], last, labels[keep]
+
+
 def exit_loss_of(model, batch: dict, kind: str, exit_layer: int) -> torch.Tensor:
     """Early-exit training loss: a weighted sum of the cross-entropies of exits after several layers.
 
@@ -107,23 +125,20 @@ def exit_loss_of(model, batch: dict, kind: str, exit_layer: int) -> torch.Tensor
         weights = {exit_layer: 0.5, n: 0.5}
     else:
         weights = {i: i / (n * (n + 1) / 2) for i in range(1, n + 1)}
-    if model.config.is_encoder_decoder:
-        out = model(**batch, output_hidden_states=True)
-        hidden, labels = out.decoder_hidden_states, batch["labels"]  # hidden[i]: after layer i (i < n)
-        keep = labels != -100
-        last = out.logits[keep]
-    else:
-        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        hidden = [h[:, :-1] for h in out.hidden_states]  # position t predicts token t + 1
-        labels = batch["labels"][:, 1:]
-        keep = labels != -100
-        last = model.get_output_embeddings()(hidden[n][keep])  # hidden[n] is already normed
-    target = labels[keep]
+    hidden, last, target = layer_states(model, batch)
     loss = torch.zeros((), device=target.device)
     for layer, w in weights.items():
-        logits = last if layer == n else exit_head(model, hidden[layer][keep])  # [n_labelled, V]
+        logits = last if layer == n else exit_head(model, hidden[layer - 1])  # [n_labelled, V]
         loss = loss + w * torch.nn.functional.cross_entropy(logits.float(), target)
     return loss
+
+
+def heads_loss_of(model, heads: ExitHeads, batch: dict) -> torch.Tensor:
+    """PPD's per-layer heads: the mean cross-entropy of each trained head on the frozen model's states."""
+    with torch.no_grad():
+        hidden, _, target = layer_states(model, batch)
+    losses = [torch.nn.functional.cross_entropy(head(hidden[layer - 1]).float(), target) for layer, head in heads.items()]
+    return torch.stack(losses).mean()
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -168,12 +183,14 @@ def lr_lambda(warmup: int, total: int):
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, model, tokenizer, opt, sched, step: int, elapsed_s: float) -> None:
+def save_checkpoint(out: Path, model, tokenizer, opt, sched, step: int, elapsed_s: float, heads=None) -> None:
     """Write checkpoint.tmp, then swap it in, so a crash at any moment leaves one whole checkpoint."""
     tmp, ckpt, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if heads is not None:
+        heads.save(tmp)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed_s}, tmp / "trainer_state.pt")
     if ckpt.exists():
@@ -243,7 +260,14 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
     eval_items = encode_examples(eval_examples, task_cfg, pair, tc.max_target_tokens)
     lengths = [len(i) + len(lab) for i, lab in items]
 
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # PPD head training: the model is frozen (and in eval mode: no dropout on the features), only the heads learn.
+    heads = ExitHeads(model, tc.exit_heads) if tc.exit_heads else None
+    if heads is not None:
+        model.requires_grad_(False)
+        if ckpt is not None:
+            heads = ExitHeads.load(ckpt, model).train()
+    trainable = list((heads if heads is not None else model).parameters())
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, tc.steps))
     step, elapsed_before = 0, 0.0  # training seconds spent by earlier (interrupted) runs
     if ckpt is not None:
@@ -255,10 +279,10 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
         print(f"resuming {tc.name} from step {step} ({ckpt})", file=sys.stderr)
 
     log = (out / "train_log.jsonl").open("a", encoding="utf-8")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in trainable)  # the heads alone when training exit heads
     print(f"{tc.name}: {n_params / 1e6:.2f}M params, {len(items)} training examples ({data.data_source}), "
           f"{tc.steps} steps of {tc.batch_size}, device {device}, threads {torch.get_num_threads()}", file=sys.stderr)
-    model.train()
+    model.train(heads is None)
     batches: list[list[int]] = []
     epoch_of_batches = -1
     running: list[float] = []
@@ -270,10 +294,15 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
         if epoch != epoch_of_batches:
             batches, epoch_of_batches = epoch_batches(lengths, tc.batch_size, tc.seed, epoch), epoch
         batch = collate([items[i] for i in batches[index]], pad_token(pair), device)
-        loss = loss_of(model, batch) if tc.exit_loss == "none" else exit_loss_of(model, batch, tc.exit_loss, tc.exit_layer)
+        if heads is not None:
+            loss = heads_loss_of(model, heads, batch)
+        elif tc.exit_loss != "none":
+            loss = exit_loss_of(model, batch, tc.exit_loss, tc.exit_layer)
+        else:
+            loss = loss_of(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
         opt.step()
         sched.step()
         running.append(loss.item())
@@ -289,7 +318,7 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
             tqdm.write(f"step {done}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items() if k != "step"), file=sys.stderr)
         log.flush()
         if done % tc.save_every == 0 or done == tc.steps:
-            save_checkpoint(out, model, tokenizer, opt, sched, done, elapsed_before + time.perf_counter() - t_start)
+            save_checkpoint(out, model, tokenizer, opt, sched, done, elapsed_before + time.perf_counter() - t_start, heads)
     bar.close()
     log.close()
 
@@ -297,7 +326,9 @@ def train(cfg: TrainRunConfig, command: str = "") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    weights = tmp / "model.safetensors"
+    if heads is not None:
+        heads.save(tmp)
+    weights = tmp / ("exit_heads.safetensors" if heads is not None else "model.safetensors")
     manifest = {
         "name": tc.name,
         "command": command,

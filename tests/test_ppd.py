@@ -94,3 +94,46 @@ def test_match_tables_from_a_csv(tmp_path, pair_name):
     assert "1–2 | 3–4 |" in ppd.position_tables(df)  # eight buckets of 16 / 8 tokens
     names = sorted(p.name for p in plots.make_all(tmp_path / "ppd.csv", tmp_path / "fig"))
     assert names == ["ppd_ppd_positions.md", "ppd_ppd_table1.md", "ppd_ppd_tradeoff.pdf", "ppd_ppd_tradeoff.png"]
+
+
+# ------------------------------------------------------------------------------ per-layer heads (train.exit_heads)
+def test_exit_heads_start_as_the_shared_head(tiny_pair):
+    import torch
+
+    from bildexp.layerwise import ExitHeads, exit_head
+
+    heads = ExitHeads(tiny_pair.large, [1])
+    h = torch.randn(3, tiny_pair.large.get_input_embeddings().embedding_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(heads["1"](h), exit_head(tiny_pair.large, h))
+
+
+def test_head_training_freezes_the_model_and_the_heads_change_match_rates(tmp_path, toy_examples):
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    import bildexp.train as train_mod
+    from bildexp.config import PolicyConfig
+    from bildexp.models import load_pair, resolve_path
+    from bildexp.policies import make_policy
+
+    from conftest import make_config
+    from test_exactness import MAX_NEW, hf_greedy, prompts
+    from test_train import FAST, train_config
+
+    final = train_mod.train(train_config("train=tiny_t5_toy", "train.init=builtin:tiny_t5/large", "train.exit_heads=[1]",
+                                         "train.lr=1e-2", f"train.output_dir={tmp_path}", *FAST))
+    before = load_file(str(Path(resolve_path("builtin:tiny_t5/large")) / "model.safetensors"))
+    after = load_file(str(final / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model itself did not move
+    assert (final / "exit_heads.safetensors").is_file()
+
+    pair = load_pair(make_config("pair=tiny_t5").pair)
+    ps = prompts(pair, toy_examples, make_config().task)
+    plain = [make_policy(PolicyConfig(name="ppd_match", match_layers=[1])).decode(pair, p, MAX_NEW) for p in ps]
+    tuned = [make_policy(PolicyConfig(name="ppd_match", match_layers=[1], match_heads=str(final))).decode(pair, p, MAX_NEW) for p in ps]
+    assert [g.tokens for g in tuned] == [g.tokens for g in plain] == [hf_greedy(pair.large, pair, p) for p in ps]
+    hits = lambda gens: sum(g.counters.get("match_l1_k1", 0) for g in gens)  # noqa: E731
+    assert hits(tuned) > hits(plain)  # 20 steps of head training already raise layer 1's top-1 match rate

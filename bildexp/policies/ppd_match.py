@@ -3,7 +3,9 @@
 Decodes greedily with the large model, layer by layer (`layerwise.LayerwiseDecoder`; the output is the
 model's greedy output), and at every step checks, for each layer l in `match_layers` and each k in
 `match_top_k`, whether the top-k tokens of the exit head after layer l (final norm + shared LM head)
-contain the token the last layer chooses: the event PPD's early prediction at d̄ = l needs.
+contain the token the last layer chooses: the event PPD's early prediction at d̄ = l needs. With
+`match_heads` (a folder from `bildexp train ... train.exit_heads=[...]`) the trained per-layer heads read
+the early predictions instead (the paper's "trained: Y").
 
 Counters: match_steps (steps checked), match_l<l>_k<k> (hits), and the same per token-position bucket
 (_p<b>: eight equal buckets over max_new_tokens, as the paper's Tables 4-6). `bildexp.ppd.match_tables`
@@ -17,7 +19,8 @@ import math
 import torch
 
 from bildexp import BildexpError
-from bildexp.layerwise import LayerwiseDecoder
+from bildexp.layerwise import ExitHeads, LayerwiseDecoder
+from bildexp.models import resolve_path
 from bildexp.policies.base import LARGE, Policy, Prompt, Sequence
 
 BUCKETS = 8
@@ -26,8 +29,19 @@ BUCKETS = 8
 class PPDMatch(Policy):
     name = "ppd_match"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.loaded: tuple | None = None  # (model, {layer: trained head}): heads load once per model
+
+    def trained_heads(self, model) -> dict | None:
+        if self.cfg.match_heads is None:
+            return None
+        if self.loaded is None or self.loaded[0] is not model:
+            self.loaded = (model, dict(ExitHeads.load(resolve_path(self.cfg.match_heads), model).items()))
+        return self.loaded[1]
+
     def begin(self, pair, prompt: Prompt) -> None:
-        self.dec = LayerwiseDecoder(pair.large, prompt.encoder_input_ids)
+        self.dec = LayerwiseDecoder(pair.large, prompt.encoder_input_ids, heads=self.trained_heads(pair.large))
         n = self.dec.n_layers
         self.layers = sorted(set(self.cfg.match_layers)) or list(range(1, n))
         if any(layer >= n for layer in self.layers):
