@@ -11,7 +11,7 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines clean
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -83,6 +83,14 @@ sweep-baselines: .venv/.installed ## BiLD, speculative, hf_assisted, CALM and Bi
 	$(BILDEXP) run experiment=baselines_t5_multi30k -m pair=t5_multi30k_early_exit policy=bild \
 	  policy.fallback_threshold=0.2,0.4,0.6,0.8 policy.rollback_threshold=0.5,1,1.5
 	$(BILDEXP) plot --csv results/baselines_t5_multi30k.csv --out results/figures --baseline-pair t5_multi30k
+
+ppd-match: .venv/.installed ## PPD match rates on both testbeds (untrained and trained heads), theorem table, Figures 2/4
+	$(BILDEXP) train task=multi30k train=ppd_heads_t5_multi30k
+	$(BILDEXP) run experiment=ppd_t5_multi30k
+	$(BILDEXP) run experiment=ppd_t5_multi30k policy.match_heads=checkpoints/ppd_heads_t5_multi30k/final
+	$(BILDEXP) run experiment=ppd_smollm2
+	$(BILDEXP) plot --csv results/ppd.csv --out results/figures
+	$(PY) scripts/ppd_theorem.py --csv results/ppd.csv
 
 sweep-t5-multi30k: .venv/.installed ## 12-point BiLD sweeps, unaligned and aligned, on the t5_multi30k testbed
 	$(BILDEXP) run experiment=t5_multi30k -m pair=t5_multi30k,t5_multi30k_aligned policy=vanilla policy.which=large,small
