@@ -109,6 +109,12 @@ class PolicyConfig:
     # ppd_match: a folder with trained per-layer heads (`bildexp train ... train.exit_heads=[...]`); null:
     # every layer reads through the model's own final norm and LM head (the paper's "trained: N").
     match_heads: Optional[str] = None
+    # ppd: the early-prediction layer d̄ (1-based, d/2 <= d̄ < d; null = d/2 rounded up), the number of
+    # candidates k started from its top-k, and whether they run in a second thread concurrently with the
+    # current token's remaining layers (the paper's extra compute units; false = one after the other).
+    ppd_layer: Optional[int] = None
+    ppd_top_k: int = 3
+    ppd_parallel: bool = True
 
 
 @dataclass
@@ -142,6 +148,7 @@ POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "hf_assisted": ("num_draft_tokens",),
     "calm": ("confidence_measure", "exit_threshold", "exit_decay"),
     "ppd_match": ("match_layers", "match_top_k", "match_heads"),
+    "ppd": ("ppd_layer", "ppd_top_k", "ppd_parallel"),
 }
 SAMPLING_FIELDS = ("top_p", "temperature", "seed")
 
@@ -265,6 +272,10 @@ def validate(cfg: Config) -> Config:
         raise BildexpError(f"policy.exit_threshold={p.exit_threshold} is out of range: use a value in [0, 1]")
     if any(k < 1 for k in p.match_top_k) or any(layer < 1 for layer in p.match_layers) or not p.match_top_k:
         raise BildexpError(f"policy.match_layers={p.match_layers} / match_top_k={p.match_top_k}: use layers >= 1 and top-k sizes >= 1")
+    if p.ppd_top_k < 1 or (p.ppd_layer is not None and p.ppd_layer < 1):
+        raise BildexpError(f"policy.ppd_top_k={p.ppd_top_k} / ppd_layer={p.ppd_layer}: use k >= 1 and a layer >= 1")
+    if p.name == "ppd" and p.sampling:
+        raise BildexpError("policy=ppd is exact greedy decoding: set policy.sampling=false")
     if p.exit_decay < 0.0:
         raise BildexpError(f"policy.exit_decay={p.exit_decay} must be >= 0")
     ee = cfg.pair.early_exit.small_layers

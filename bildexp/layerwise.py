@@ -159,25 +159,58 @@ class LayerwiseDecoder:
         """Layers lo..hi-1 over h [1, k, D], the k positions after what those layers have cached."""
         if lo >= hi:
             return h
+        start = self._common_length(lo, hi)
+        h = self._layers(h, start, lo, hi, self.cache, self.encoder_hidden)
+        for i in range(lo, hi):
+            self.lengths[i] = start + h.shape[1]
+        return h
+
+    @torch.inference_mode()
+    def branch(self, tokens: torch.Tensor, hi: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """k alternative next tokens [k] through layers 0..hi-1, each against the cached past, as one batch
+        of k, WITHOUT changing the cache (PPD's candidates) → (hidden states after layer hi [k, 1, D], the
+        K/V [k, H, 1, dh] each layer would cache for them), for `adopt`."""
+        k, start = tokens.shape[0], self._common_length(0, hi)
+        own, cross = DynamicCache(), DynamicCache()
+        for i in range(hi):  # the past, repeated for each candidate (a copy: the cache grows by one token)
+            layer = self.self_cache.layers[i]
+            own.update(layer.keys.expand(k, -1, -1, -1), layer.values.expand(k, -1, -1, -1), i)
+            if self.is_encoder_decoder:
+                done = self.cache.cross_attention_cache.layers[i]
+                cross.update(done.keys.expand(k, -1, -1, -1), done.values.expand(k, -1, -1, -1), i)
+        cache = EncoderDecoderCache(own, cross) if self.is_encoder_decoder else own
+        encoder = self.encoder_hidden.expand(k, -1, -1) if self.is_encoder_decoder else None
+        h = self._layers(self.embed(tokens.view(k, 1)), start, 0, hi, cache, encoder)
+        return h, [(own.layers[i].keys[:, :, -1:], own.layers[i].values[:, :, -1:]) for i in range(hi)]
+
+    def adopt(self, kv: list[tuple[torch.Tensor, torch.Tensor]], j: int) -> None:
+        """Append candidate j's K/V from `branch` to layers 0..len(kv)-1, as if it had been run there."""
+        for i, (key, value) in enumerate(kv):
+            self.self_cache.update(key[j : j + 1], value[j : j + 1], i)
+            self.lengths[i] += 1
+
+    def _common_length(self, lo: int, hi: int) -> int:
         start = self.lengths[lo]
         if any(self.lengths[i] != start for i in range(lo, hi)):
             raise RuntimeError(f"layers {lo}..{hi - 1} hold different lengths {self.lengths[lo:hi]}")
+        return start
+
+    def _layers(self, h: torch.Tensor, start: int, lo: int, hi: int, cache, encoder_hidden) -> torch.Tensor:
+        # h [B, k, D] at positions start..start+k-1 → after layers lo..hi-1 (B > 1 only with k = 1: branch)
         k = h.shape[1]
         mask = self._causal_mask(start, k)
         if self.is_encoder_decoder:
             attn = self.layers[0].layer[0].SelfAttention  # holds the relative position bias of all layers
             bias = attn.compute_bias(k, start + k, device=h.device, past_seen_tokens=start)  # [1, H, k, start+k]
             for layer in self.layers[lo:hi]:
-                h = layer(h, attention_mask=mask, position_bias=bias, encoder_hidden_states=self.encoder_hidden,
-                          past_key_values=self.cache)[0]
+                h = layer(h, attention_mask=mask, position_bias=bias, encoder_hidden_states=encoder_hidden,
+                          past_key_values=cache)[0]
         else:
             positions = torch.arange(start, start + k, device=h.device).unsqueeze(0)  # [1, k]
             rope = self.model.model.rotary_emb(h, position_ids=positions)
             for layer in self.layers[lo:hi]:
-                h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                           position_embeddings=rope)
-        for i in range(lo, hi):
-            self.lengths[i] = start + k
         return h
 
     @torch.inference_mode()

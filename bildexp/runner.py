@@ -66,6 +66,10 @@ def policy_rates(sums: dict[str, int]) -> dict[str, object]:
         rates["mean_exit_layer"] = sums["exit_layer_sum"] / sums["exits_total"]
         layers = sorted(int(k.rsplit("_", 1)[1]) for k in sums if k.startswith("exit_at_"))
         rates["exit_layer_histogram"] = " ".join(f"{layer}:{sums[f'exit_at_{layer}']}" for layer in layers)
+    if sums.get("ppd_steps"):  # ppd: the match rate and Theorem 4.1's latency and compute at that rate
+        rates["ppd_match_rate"] = sums["ppd_adopted"] / max(sums["ppd_chances"], 1)
+        rates["theorem_latency_ratio"] = sums["critical_layers"] / sums["vanilla_layers"]
+        rates["theorem_compute_ratio"] = sums["layer_forwards"] / sums["vanilla_layers"]
     return rates
 
 

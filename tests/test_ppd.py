@@ -137,3 +137,67 @@ def test_head_training_freezes_the_model_and_the_heads_change_match_rates(tmp_pa
     assert [g.tokens for g in tuned] == [g.tokens for g in plain] == [hf_greedy(pair.large, pair, p) for p in ps]
     hits = lambda gens: sum(g.counters.get("match_l1_k1", 0) for g in gens)  # noqa: E731
     assert hits(tuned) > hits(plain)  # 20 steps of head training already raise layer 1's top-1 match rate
+
+
+# ------------------------------------------------------------------------------ policy=ppd: real and exact
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_ppd_equals_greedy_token_for_token(tiny_pair, toy_examples, k, parallel):
+    from bildexp.config import PolicyConfig
+    from bildexp.layerwise import decoder_layers
+    from bildexp.policies import make_policy
+
+    from conftest import make_config
+    from test_exactness import MAX_NEW, hf_greedy, prompts
+
+    ps = prompts(tiny_pair, toy_examples, make_config().task)
+    ref = [hf_greedy(tiny_pair.large, tiny_pair, p) for p in ps]
+    d = len(decoder_layers(tiny_pair.large))
+    for dbar in sorted({-(-d // 2), d - 1}):
+        policy = make_policy(PolicyConfig(name="ppd", ppd_layer=dbar, ppd_top_k=k, ppd_parallel=parallel))
+        gens = [policy.decode(tiny_pair, p, MAX_NEW) for p in ps]
+        assert [g.tokens for g in gens] == ref, (dbar, k)
+        c = {key: sum(g.counters.get(key, 0) for g in gens) for key in gens[0].counters}
+        # Not vacuous: candidates were adopted (and with k = 1 some were dropped); the counters follow
+        # Theorem 4.1's accounting.
+        assert 0 < c["ppd_adopted"] <= c["ppd_chances"]
+        if k == 1:
+            assert c["ppd_adopted"] < c["ppd_chances"]
+        assert c["critical_layers"] == c["vanilla_layers"] - (d - dbar) * c["ppd_adopted"]
+        assert c["vanilla_layers"] == d * c["ppd_steps"] == d * sum(len(g.tokens) for g in gens)
+
+
+def test_ppd_adopts_the_candidates_exact_state(tiny_pair, toy_examples):
+    """A candidate's K/V and hidden state from the batched branch equal running that token alone."""
+    import torch
+
+    from bildexp.layerwise import LayerwiseDecoder
+
+    from conftest import make_config
+    from test_exactness import prompts
+
+    prompt = prompts(tiny_pair, toy_examples, make_config().task)[0]
+    enc = prompt.encoder_input_ids if tiny_pair.is_encoder_decoder else None
+    a, b = LayerwiseDecoder(tiny_pair.large, enc), LayerwiseDecoder(tiny_pair.large, enc)
+    past = torch.tensor([prompt.decoder_prefix + [7, 8]])
+    a.logits(past)
+    b.logits(past)
+    h, kv = a.branch(torch.tensor([9, 4, 11]), 1)
+    a.adopt(kv, 2)
+    alone = b.run(b.embed(torch.tensor([[11]])), 0, 1)
+    torch.testing.assert_close(h[2:3], alone, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.self_cache.layers[0].keys, b.self_cache.layers[0].keys, atol=1e-6, rtol=1e-6)
+    assert a.lengths[0] == b.lengths[0] == past.shape[1] + 1
+
+
+def test_ppd_layer_below_half_depth_is_one_line(tiny_pair, toy_examples):
+    from bildexp import BildexpError
+    from bildexp.config import PolicyConfig
+    from bildexp.policies import make_policy
+
+    from conftest import make_config
+    from test_exactness import prompts
+
+    p = prompts(tiny_pair, toy_examples, make_config().task)[0]
+    with pytest.raises(BildexpError, match="PPD needs d̄ >= d/2"):
+        make_policy(PolicyConfig(name="ppd", ppd_layer=99)).decode(tiny_pair, p, 4)
