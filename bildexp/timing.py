@@ -33,3 +33,24 @@ def apply_threads(threads: int) -> int:
     """Set torch's intra-op threads and return what torch reports back (recorded with every result)."""
     torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def interleaved(policies: dict, pair, prompts: list, max_new_tokens: int, warmup: int) -> dict[str, dict]:
+    """Benchmarks: each policy decodes every prompt, policies interleaved example by example (A, B, C, A,
+    B, C, ...) after `warmup` untimed examples each, so drift in machine load hits all of them alike.
+
+    → name → {"ms": [per example], "tokens": [per example], "counters": summed counters}.
+    """
+    for policy in policies.values():
+        for prompt in prompts[:warmup]:
+            policy.decode(pair, prompt, max_new_tokens)
+    out: dict[str, dict] = {name: {"ms": [], "tokens": [], "counters": {}} for name in policies}
+    for prompt in prompts:
+        for name, policy in policies.items():
+            with Stopwatch(pair.device) as sw:
+                gen = policy.decode(pair, prompt, max_new_tokens)
+            out[name]["ms"].append(sw.ms)
+            out[name]["tokens"].append(gen.tokens)
+            for key, value in gen.counters.items():
+                out[name]["counters"][key] = out[name]["counters"].get(key, 0) + value
+    return out

@@ -28,7 +28,7 @@ from bildexp.config import PolicyConfig
 from bildexp.models import load_pair
 from bildexp.policies import make_policy
 from bildexp.tasks import encode, load_task
-from bildexp.timing import Stopwatch, apply_threads
+from bildexp.timing import apply_threads, interleaved
 
 
 def main() -> None:
@@ -57,21 +57,10 @@ def main() -> None:
             policies[f"ppd d̄={layer} k={k}"] = make_policy(PolicyConfig(name="ppd", ppd_layer=layer, ppd_top_k=k))
             if args.sequential:
                 policies[f"ppd d̄={layer} k={k} seq"] = make_policy(PolicyConfig(name="ppd", ppd_layer=layer, ppd_top_k=k, ppd_parallel=False))
-    for policy in policies.values():
-        for p in prompts[: args.warmup]:
-            policy.decode(pair, p, max_new)
-
-    ms = {name: [] for name in policies}
-    out = {name: [] for name in policies}
-    counters = {name: {} for name in policies}
-    for p in prompts:
-        for name, policy in policies.items():
-            with Stopwatch(pair.device) as sw:
-                gen = policy.decode(pair, p, max_new)
-            ms[name].append(sw.ms)
-            out[name].append(gen.tokens)
-            for key, v in gen.counters.items():
-                counters[name][key] = counters[name].get(key, 0) + v
+    runs = interleaved(policies, pair, prompts, max_new, args.warmup)
+    ms = {name: r["ms"] for name, r in runs.items()}
+    out = {name: r["tokens"] for name, r in runs.items()}
+    counters = {name: r["counters"] for name, r in runs.items()}
 
     base = statistics.mean(ms["vanilla"])
     print(f"\n| policy | mean ms | vs vanilla (measured) | identical | match rate p | Theorem 4.1 latency | Theorem 4.1 compute |")

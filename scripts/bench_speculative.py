@@ -26,7 +26,7 @@ from bildexp.config import PolicyConfig
 from bildexp.models import load_pair
 from bildexp.policies import make_policy
 from bildexp.tasks import encode, load_task
-from bildexp.timing import Stopwatch, apply_threads
+from bildexp.timing import apply_threads, interleaved
 
 
 def main() -> None:
@@ -50,18 +50,9 @@ def main() -> None:
     for k in (int(x) for x in args.windows.split(",")):
         policies[f"speculative-k{k}"] = make_policy(PolicyConfig(name="speculative", num_draft_tokens=k))
         policies[f"hf_assisted-k{k}"] = make_policy(PolicyConfig(name="hf_assisted", num_draft_tokens=k))
-    for policy in policies.values():
-        for p in prompts[: args.warmup]:
-            policy.decode(pair, p, max_new)
-
-    ms: dict[str, list[float]] = {name: [] for name in policies}
-    tokens: dict[str, list[list[int]]] = {name: [] for name in policies}
-    for p in prompts:
-        for name, policy in policies.items():
-            with Stopwatch(pair.device) as sw:
-                gen = policy.decode(pair, p, max_new)
-            ms[name].append(sw.ms)
-            tokens[name].append(gen.tokens)
+    runs = interleaved(policies, pair, prompts, max_new, args.warmup)
+    ms = {name: r["ms"] for name, r in runs.items()}
+    tokens = {name: r["tokens"] for name, r in runs.items()}
 
     base = statistics.mean(ms["vanilla-large"])
     print(f"{'policy':<18} {'mean ms':>9} {'p50 ms':>8} {'vs vanilla':>10}  identical to vanilla-large greedy")

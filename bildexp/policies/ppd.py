@@ -52,17 +52,19 @@ class PPD(Policy):
         # early: the current token(s) to layer d̄
         if self.ahead is not None:
             h, self.ahead = self.ahead, None
-            self.counters["critical_layers"] += dbar
+            path = dbar
         else:
             h = dec.run(dec.embed(seq.span(dec.lengths[0])), 0, m)
-            self.counters["critical_layers"] += d
+            path = d
         h = dec.run(h, m, dbar)  # [1, n, D]
         candidates = torch.topk(dec.head(h[0, -1], dbar), self.cfg.ppd_top_k).indices  # [k]
         # branch ∥ finish: candidates through layers 1..m, the current token through layers d̄+1..d
         branch = self.pool.submit(self._branch, candidates) if self.pool else None
         logits = dec.head(dec.run(h, dbar, d)[0, -1])  # [V]
         cand_h, cand_kv = branch.result() if branch else self._branch(candidates)
-        self.counters["layer_forwards"] += h.shape[1] * d + len(candidates) * m
+        # Per output token (a prompt's prefill, the same for vanilla decoding, is left out).
+        self.counters["critical_layers"] += path
+        self.counters["layer_forwards"] += path + len(candidates) * m
         # commit
         token = int(logits.argmax())
         hit = (candidates == token).nonzero()
