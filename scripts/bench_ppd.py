@@ -25,6 +25,7 @@ import transformers
 
 from bildexp.cli import compose_config
 from bildexp.config import PolicyConfig
+from bildexp.layerwise import decoder_layers
 from bildexp.models import load_pair
 from bildexp.policies import make_policy
 from bildexp.tasks import encode, load_task
@@ -62,19 +63,28 @@ def main() -> None:
     out = {name: r["tokens"] for name, r in runs.items()}
     counters = {name: r["counters"] for name, r in runs.items()}
 
+    # FLOPs ≈ 2 × the parameters a forward touches (attention-score FLOPs ignored): per token-layer forward,
+    # and per LM-head pass (vanilla: one per token; ppd: the exit at d̄ and the final one).
+    layer_params = sum(p.numel() for p in decoder_layers(pair.large)[0].parameters())
+    head_params = pair.large.get_output_embeddings().weight.numel()
+    d = len(decoder_layers(pair.large))
     base = statistics.mean(ms["vanilla"])
-    print(f"\n| policy | mean ms | vs vanilla (measured) | identical | match rate p | Theorem 4.1 latency | Theorem 4.1 compute |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nFLOPs per output token ≈ 2 × (layer-forwards × {layer_params / 1e6:.2f} M + head passes × {head_params / 1e6:.2f} M)")
+    print(f"\n| policy | mean ms | vs vanilla (measured) | identical | match rate p | Theorem 4.1 latency | Theorem 4.1 compute | MFLOPs / token |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in policies:
         c = counters[name]
         same = sum(a == b for a, b in zip(out[name], out["vanilla"]))
         mean = statistics.mean(ms[name])
+        tokens = sum(map(len, out[name]))
         if "ppd_steps" in c:
             theory = (f"{c['ppd_adopted'] / max(c['ppd_chances'], 1):.3f} | {c['critical_layers'] / c['vanilla_layers']:.3f}x | "
                       f"{c['layer_forwards'] / c['vanilla_layers']:.2f}x")
+            flops = 2 * (c["layer_forwards"] * layer_params + 2 * c["ppd_steps"] * head_params) / tokens
         else:
             theory = "— | 1.000x | 1.00x"
-        print(f"| {name} | {mean:.1f} | {mean / base:.3f}x | {same}/{len(prompts)} | {theory} |")
+            flops = 2 * (d * layer_params + head_params)
+        print(f"| {name} | {mean:.1f} | {mean / base:.3f}x | {same}/{len(prompts)} | {theory} | {flops / 1e6:.1f} |")
 
 
 if __name__ == "__main__":
