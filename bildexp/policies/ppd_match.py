@@ -8,8 +8,8 @@ contain the token the last layer chooses: the event PPD's early prediction at dÌ
 the early predictions instead (the paper's "trained: Y").
 
 Counters: match_steps (steps checked), match_l<l>_k<k> (hits), and the same per token-position bucket
-(_p<b>: eight equal buckets over max_new_tokens, as the paper's Tables 4-6). `bildexp.ppd.match_tables`
-turns a CSV of such runs into the paper's tables.
+(_p<b>: eight equal buckets over max_new_tokens, as the paper's Tables 4-6). `bildexp.ppd.table1` and
+`position_tables` turn a CSV of such runs into the paper's tables.
 """
 
 from __future__ import annotations
