@@ -84,11 +84,13 @@ sweep-baselines: .venv/.installed ## BiLD, speculative, hf_assisted, CALM and Bi
 	  policy.fallback_threshold=0.2,0.4,0.6,0.8 policy.rollback_threshold=0.5,1,1.5
 	$(BILDEXP) plot --csv results/baselines_t5_multi30k.csv --out results/figures --baseline-pair t5_multi30k
 
-ppd-match: .venv/.installed ## PPD match rates on both testbeds (untrained and trained heads), theorem table, Figures 2/4
+ppd-match: .venv/.installed ## PPD match rates on both testbeds, untrained and trained heads (needs make smollm2-aligned), theorem table, Figures 2/4
 	$(BILDEXP) train task=multi30k train=ppd_heads_t5_multi30k
 	$(BILDEXP) run experiment=ppd_t5_multi30k
 	$(BILDEXP) run experiment=ppd_t5_multi30k policy.match_heads=checkpoints/ppd_heads_t5_multi30k/final
 	$(BILDEXP) run experiment=ppd_smollm2
+	$(BILDEXP) train task=xsum train=ppd_heads_smollm2
+	$(BILDEXP) run experiment=ppd_smollm2 policy.match_heads=checkpoints/ppd_heads_smollm2/final
 	$(BILDEXP) plot --csv results/ppd.csv --out results/figures
 	$(PY) scripts/ppd_theorem.py --csv results/ppd.csv
 
