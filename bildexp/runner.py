@@ -73,6 +73,15 @@ def policy_rates(sums: dict[str, int]) -> dict[str, object]:
     return rates
 
 
+def prepare(cfg: Config, pairs: PairCache) -> tuple[int, object, object, list]:
+    """What decoding needs before the clock starts: threads applied, the task's first runner.limit examples,
+    the pair, and each example's (prompt, truncated). Also used by scripts/bench_*.py."""
+    threads = apply_threads(cfg.pair.threads)
+    data = load_task(cfg.task, cfg.runner.limit)
+    pair = pairs.get(cfg.pair)
+    return threads, data, pair, [encode(ex, cfg.task, pair) for ex in data.examples]
+
+
 def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
     """Run (or resume, or skip) one configuration; return its CSV row."""
     rid = run_id(cfg)
@@ -82,11 +91,8 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         print(f"skip {rid}: already in {files.csv} (runner.force=true to run it again)", file=sys.stderr)
         return done_row
 
-    threads = apply_threads(cfg.pair.threads)
-    data = load_task(cfg.task, cfg.runner.limit)
-    pair = pairs.get(cfg.pair)
+    threads, data, pair, prompts = prepare(cfg, pairs)
     policy = make_policy(cfg.policy)
-    prompts = [encode(ex, cfg.task, pair) for ex in data.examples]
 
     records = files.start(cfg, cfg.runner.force)
     done = {r["id"] for r in records}

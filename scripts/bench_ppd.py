@@ -26,10 +26,10 @@ import transformers
 from bildexp.cli import compose_config
 from bildexp.config import PolicyConfig
 from bildexp.layerwise import decoder_layers
-from bildexp.models import load_pair
+from bildexp.models import PairCache
 from bildexp.policies import make_policy
-from bildexp.tasks import encode, load_task
-from bildexp.timing import apply_threads, interleaved
+from bildexp.runner import prepare
+from bildexp.timing import interleaved
 
 
 def main() -> None:
@@ -42,10 +42,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}")
-    threads = apply_threads(cfg.pair.threads)
-    pair = load_pair(cfg.pair)
-    prompts = [encode(ex, cfg.task, pair)[0] for ex in load_task(cfg.task, args.limit).examples]
+    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}", f"runner.limit={args.limit}")
+    threads, _, pair, encoded = prepare(cfg, PairCache())
+    prompts = [prompt for prompt, _ in encoded]
     max_new = cfg.task.max_new_tokens
     print(f"pair {args.pair}, task {cfg.task.name} ({len(prompts)} examples), device {pair.device}, dtype {cfg.pair.dtype}, "
           f"threads {threads} per thread (PPD's candidates use a second thread), cpus {os.cpu_count()}, "
@@ -70,7 +69,7 @@ def main() -> None:
     d = len(decoder_layers(pair.large))
     base = statistics.mean(ms["vanilla"])
     print(f"\nFLOPs per output token ≈ 2 × (layer-forwards × {layer_params / 1e6:.2f} M + head passes × {head_params / 1e6:.2f} M)")
-    print(f"\n| policy | mean ms | vs vanilla (measured) | identical | match rate p | Theorem 4.1 latency | Theorem 4.1 compute | MFLOPs / token |")
+    print("\n| policy | mean ms | vs vanilla (measured) | identical | match rate p | Theorem 4.1 latency | Theorem 4.1 compute | MFLOPs / token |")
     print("|---|---|---|---|---|---|---|---|")
     for name in policies:
         c = counters[name]

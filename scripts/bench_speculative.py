@@ -23,10 +23,10 @@ import transformers
 
 from bildexp.cli import compose_config
 from bildexp.config import PolicyConfig
-from bildexp.models import load_pair
+from bildexp.models import PairCache
 from bildexp.policies import make_policy
-from bildexp.tasks import encode, load_task
-from bildexp.timing import apply_threads, interleaved
+from bildexp.runner import prepare
+from bildexp.timing import interleaved
 
 
 def main() -> None:
@@ -37,11 +37,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}")
-    threads = apply_threads(cfg.pair.threads)
-    pair = load_pair(cfg.pair)
-    examples = load_task(cfg.task, args.limit).examples
-    prompts = [encode(ex, cfg.task, pair)[0] for ex in examples]
+    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}", f"runner.limit={args.limit}")
+    threads, _, pair, encoded = prepare(cfg, PairCache())
+    prompts = [prompt for prompt, _ in encoded]
     max_new = cfg.task.max_new_tokens
     print(f"pair {args.pair}, task {cfg.task.name} ({len(prompts)} examples), device {pair.device}, dtype {cfg.pair.dtype}, "
           f"threads {threads}, torch {torch.__version__}, transformers {transformers.__version__}")

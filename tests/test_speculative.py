@@ -85,10 +85,10 @@ def test_speculative_counters_are_consistent(setup):
         assert all(c[f"drafted_at_{i + 1}"] <= c[f"drafted_at_{i}"] for i in range(1, k))
 
 
-def test_bad_num_draft_tokens_is_one_line_error(setup):
-    pair, ps, _ = setup
+def test_bad_num_draft_tokens_is_one_line_error():
+    # Checked once, where every config is validated (config.validate), before any model is loaded.
     with pytest.raises(BildexpError, match="num_draft_tokens"):
-        make_policy(PolicyConfig(name="speculative", num_draft_tokens=0)).decode(pair, ps[0], 5)
+        make_config("policy=speculative", "policy.num_draft_tokens=0")
 
 
 # --- transformers' assisted generation ---------------------------------------------------------

@@ -35,7 +35,7 @@ class HFAssisted(Policy):
     name = "hf_assisted"
 
     def decode(self, pair, prompt: Prompt, max_new_tokens: int, seed: int = 0) -> Generation:
-        if getattr(pair, "small_layers", None) is not None:
+        if pair.small_layers is not None:
             raise BildexpError("policy=hf_assisted needs two separate models: early-exit pairs are not supported")
         self.reset(seed)
         torch.manual_seed(seed)  # generate() samples from the global stream

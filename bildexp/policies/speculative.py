@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from bildexp import BildexpError
 from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, model_states, sample
 
 
@@ -32,8 +31,6 @@ class Speculative(Policy):
     name = "speculative"
 
     def begin(self, pair, prompt: Prompt) -> None:
-        if self.cfg.num_draft_tokens < 1:
-            raise BildexpError(f"policy.num_draft_tokens={self.cfg.num_draft_tokens} must be >= 1")
         self.large, self.small = model_states(pair, prompt)
 
     def step(self, seq: Sequence) -> None:
