@@ -15,6 +15,7 @@ prompt token for decoder-only ones.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
@@ -27,9 +28,14 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
 class ModelState:
     """Encoder output + KV cache of one model for one example."""
 
-    def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None):
+    def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None,
+                 meter: Counter | None = None, role: str = "large"):
         # encoder_input_ids: [1, S] for encoder-decoder models, None for decoder-only ones.
+        # meter: counters to add the work of every forward pass to, under <role>_* (bildexp/cost.py).
         self.model = model
+        self.meter = meter
+        self.role = role
+        self.source_len = 0 if encoder_input_ids is None else int(encoder_input_ids.shape[1])
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.length = 0  # tokens held in the self-attention cache
         self._slice_logits = not _accepts_logits_to_keep(model)
@@ -37,6 +43,9 @@ class ModelState:
             if encoder_input_ids is None:
                 raise ValueError("an encoder-decoder model needs encoder_input_ids")
             self.encoder_outputs = model.get_encoder()(input_ids=encoder_input_ids)
+            self._count("encoder_runs", 1)
+            self._count("encoder_tokens", self.source_len)
+            self._count("encoder_attention", self.source_len**2)
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         else:
             self.encoder_outputs = None
@@ -61,11 +70,28 @@ class ModelState:
         else:
             out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         self.cache = out.past_key_values
+        if self.meter is not None:
+            self._count_forward(k)
         self.length += k
         logits = out.logits[0]  # [k or keep, V]
         if self._slice_logits:
             logits = logits[-keep:]
         return logits
+
+    def _count(self, key: str, value: int) -> None:
+        if self.meter is not None:
+            self.meter[f"{self.role}_{key}"] += value
+
+    def _count_forward(self, k: int) -> None:
+        """The work of one forward pass of k tokens after `length` cached ones, in the units cost.py prices."""
+        c, s = self.length, self.source_len
+        self._count("forwards", 1)
+        self._count("tokens", k)
+        self._count("context", c)  # cached tokens whose keys and values are read
+        self._count("attention", k * c + k * (k + 1) // 2)  # causal query-key pairs
+        if self.is_encoder_decoder:
+            self._count("cross_context", s)  # encoder positions whose cross-attention K/V are read
+            self._count("cross_attention", k * s)
 
     def rollback(self, n: int) -> None:
         """Keep only the first n cached tokens (self-attention only; cross-attention stays)."""

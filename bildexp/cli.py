@@ -6,6 +6,9 @@
     bildexp align [HYDRA OVERRIDES]   prediction alignment: fine-tune the small model on the large one's outputs
     bildexp plot [--csv F] [--out D] [--baseline-pair P]  Figure-4/baselines views (PNG, PDF), Tables 1, 3-4 (Markdown)
     bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2
+    bildexp reproduce experiment=A/V [--tiny] [--dry-run] [OVERRIDES]  every sweep of one paper artifact
+    bildexp merge [--dir D]           rebuild each results CSV from its runs' row.json files (no loss, no duplicates)
+    bildexp figures [--results D] [--out D]  every paper figure and table from the results CSVs (docs/REPRODUCTION.md)
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def check_group_choices(argv: list[str]) -> None:
         if not m:
             continue
         group, values = m.groups()
-        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        known = sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml"))
         for value in values.split(","):
             if value not in known and value != "null":
                 raise BildexpError(f"unknown {group} {value!r}: one of {', '.join(known)}")
@@ -168,7 +171,65 @@ def build_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "train": train_command, "align": align_command, "plot": plot_command, "build": build_command}
+def reproduce_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bildexp reproduce",
+        description="Run every sweep of one paper artifact's experiment config (conf/experiment/<artifact>/<variant>.yaml), "
+        "resumably; extra Hydra overrides (hydra/launcher=parallel, runner.limit=...) go to every sweep.",
+    )
+    parser.add_argument("experiment", help="experiment=<artifact>/<offline|paper>, e.g. experiment=bild_fig2/offline")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides added to every sweep")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny pairs, a few examples, each axis's ends, into --tiny-dir: checks that the config runs")
+    parser.add_argument("--tiny-dir", default="results/tiny", help="output folder of --tiny (default: results/tiny)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)
+    from bildexp import BildexpError
+    from bildexp.reproduce import run_sweeps, run_tiny
+
+    if not args.experiment.startswith("experiment="):
+        raise BildexpError(f"bildexp reproduce: give the artifact as experiment=<artifact>/<variant>, not {args.experiment!r}")
+    experiment = args.experiment.split("=", 1)[1]
+    if args.tiny:
+        rows = run_tiny(experiment, args.tiny_dir, args.overrides)
+        print(f"{experiment}: {len(rows)} tiny runs in {args.tiny_dir}")
+        return 0
+    return run_sweeps(experiment, args.overrides, args.dry_run)
+
+
+def merge_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bildexp merge",
+        description="Rebuild <experiment>.csv from every runs/<experiment>/*/row.json under --dir: for output folders "
+        "copied together from several machines. Rows only in the CSV are kept; no run appears twice.",
+    )
+    parser.add_argument("--dir", default="results", help="runner.output_dir of the runs (default: results)")
+    args = parser.parse_args(argv)
+    from bildexp.results import merge_rows
+
+    for csv, n in merge_rows(args.dir).items():
+        print(f"{csv}: {n} rows")
+    return 0
+
+
+def figures_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bildexp figures",
+        description="Every paper figure (PNG, PDF) and table (Markdown, LaTeX) from the results CSVs alone, with the "
+        "papers' numbers beside ours (docs/REPRODUCTION.md).",
+    )
+    parser.add_argument("--results", default="results/offline", help="folder of the results CSVs (default: results/offline)")
+    parser.add_argument("--out", default="docs/figures/reproduction", help="output folder (default: docs/figures/reproduction)")
+    args = parser.parse_args(argv)
+    from bildexp.figures import make_figures
+
+    for path in make_figures(args.results, args.out):
+        print(path)
+    return 0
+
+
+COMMANDS = {"run": run_command, "train": train_command, "align": align_command, "plot": plot_command, "build": build_command,
+            "reproduce": reproduce_command, "merge": merge_command, "figures": figures_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,9 @@ class PolicyConfig:
     rollback_threshold: float = 2.0
     # bild: control returns to the large model after this many consecutive small tokens (paper: 10).
     max_small_steps: int = 10
+    # oracle (BiLD Figure 2): the large model's token replaces the small model's whenever the large model
+    # gives the small token a probability below this (0: never, 1: nearly always).
+    replace_threshold: float = 0.5
     # speculative, hf_assisted: tokens the small model drafts before each verification (paper sweep 3-10).
     num_draft_tokens: int = 4
     # calm: confidence measure of an exit: softmax_max, softmax_diff (top-1 minus top-2) or state
@@ -130,11 +133,28 @@ class RunnerConfig:
 
 
 @dataclass
+class ReproduceConfig:
+    """How `bildexp reproduce experiment=<artifact>/<variant>` runs an experiment (conf/experiment/*/)."""
+
+    # Commands run first, each as `bildexp <command>` (train heads, build a testbed); resumable themselves.
+    prepare: list[str] = field(default_factory=list)
+    # One Hydra multirun per entry (`bildexp run -m`): overrides after experiment=<this artifact>, with A,B
+    # sweeps; an entry that starts with experiment=OTHER runs that experiment into this one's output_dir.
+    sweeps: list[str] = field(default_factory=list)
+    # `--tiny`: these overrides replace the same keys in every sweep (tiny pairs, a few examples, short
+    # outputs), and each swept axis keeps only its first and last values: a check that the config runs.
+    tiny: list[str] = field(
+        default_factory=lambda: ["pair=tiny_t5", "runner.limit=2", "runner.warmup=0", "task.max_new_tokens=8"]
+    )
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     pair: PairConfig = field(default_factory=PairConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
     # Results go to results/<experiment_name>.csv and results/runs/<experiment_name>/.
     experiment_name: str = "default"
 
@@ -144,6 +164,7 @@ class Config:
 POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "vanilla": ("which",),
     "bild": ("fallback_threshold", "rollback_threshold", "max_small_steps"),
+    "oracle": ("replace_threshold",),
     "speculative": ("num_draft_tokens",),
     "hf_assisted": ("num_draft_tokens",),
     "calm": ("confidence_measure", "exit_threshold", "exit_decay"),
@@ -264,6 +285,8 @@ def validate(cfg: Config) -> Config:
         raise BildexpError(f"policy.fallback_threshold={p.fallback_threshold} is out of range: use a probability in [0, 1]")
     if p.rollback_threshold < 0.0:
         raise BildexpError(f"policy.rollback_threshold={p.rollback_threshold} is out of range: use a cross-entropy >= 0")
+    if not 0.0 <= p.replace_threshold <= 1.0:
+        raise BildexpError(f"policy.replace_threshold={p.replace_threshold} is out of range: use a probability in [0, 1]")
     if p.max_small_steps < 1:
         raise BildexpError(f"policy.max_small_steps={p.max_small_steps} must be >= 1")
     if p.num_draft_tokens < 1:

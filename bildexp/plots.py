@@ -377,8 +377,9 @@ def table3(df: pd.DataFrame, baseline_pair: str | None = None) -> str:
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
     """Writes `<stem>.png` and `<stem>.pdf`; returns both paths."""
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150)
+    # No creation date or software version in the files: the same CSV gives byte-identical figures.
+    for path, metadata in zip(paths, ({"Software": None}, {"CreationDate": None, "Producer": None, "Creator": None})):
+        fig.savefig(path, dpi=150, metadata=metadata)
     return paths
 
 

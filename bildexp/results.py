@@ -4,6 +4,11 @@ Layout under runner.output_dir:
     <experiment_name>.csv                          one summary row per completed run
     runs/<experiment_name>/<run_id>/config.json    the resolved config
     runs/<experiment_name>/<run_id>/generations.jsonl   one line per example, appended as it finishes
+    runs/<experiment_name>/<run_id>/row.json       the run's summary row, written when it completes
+
+Concurrent jobs (Hydra's joblib launcher, several machines on one file system) never lose a row: each
+run's row.json is its own file, and the CSV is updated under a file lock. `merge_rows` rebuilds the
+CSVs from the row.json files, for output folders gathered from machines that shared no file system.
 
 A run id is a pure function of the config values that change results, so an interrupted sweep is
 resumed by running the same command again: complete runs are skipped (unless runner.force=true),
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +80,8 @@ def policy_label(cfg: Config) -> str:
         label = f"vanilla-{p.which}"
     elif p.name == "bild":
         label = f"bild-fb{fmt(p.fallback_threshold)}-rb{fmt(p.rollback_threshold)}-ms{p.max_small_steps}"
+    elif p.name == "oracle":
+        label = f"oracle-r{fmt(p.replace_threshold)}"
     elif p.name in ("speculative", "hf_assisted"):
         label = f"{p.name}-k{p.num_draft_tokens}"
     elif p.name == "calm":
@@ -143,8 +152,14 @@ class RunFiles:
         self.generations = self.dir / "generations.jsonl"
         self.rid = rid
 
+    @property
+    def row_file(self) -> Path:
+        return self.dir / "row.json"
+
     def completed_row(self) -> dict | None:
-        if not self.csv.is_file():
+        if self.row_file.is_file():
+            return json.loads(self.row_file.read_text())
+        if not self.csv.is_file():  # rows of runs made before row.json existed live only in the CSV
             return None
         df = pd.read_csv(self.csv)
         hit = df[df["run_id"] == self.rid]
@@ -156,6 +171,7 @@ class RunFiles:
         (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if force:
             self.generations.write_text("")
+            self.row_file.unlink(missing_ok=True)
         return resume_jsonl(self.generations)
 
     def append(self, record: dict) -> None:
@@ -163,13 +179,55 @@ class RunFiles:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def write_row(self, row: dict) -> None:
-        """Add (or, when forced, replace) this run's row; written atomically so a crash never cuts the CSV."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        new = pd.DataFrame([row])
-        if self.csv.is_file():
-            old = pd.read_csv(self.csv)
-            old = old[old["run_id"] != self.rid]
+        """Record this run's row: its own row.json, then the CSV (added, or replaced when forced)."""
+        _atomic_write(self.row_file, json.dumps(row, ensure_ascii=False, indent=1, default=_plain) + "\n")
+        upsert_rows(self.csv, [row])
+
+
+def _plain(value: object) -> object:
+    return value.item() if hasattr(value, "item") else str(value)  # numpy scalars
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on path + '.lock', held by one process at a time (jobs of a parallel sweep)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def upsert_rows(csv: Path, rows: list[dict]) -> int:
+    """Add rows to a results CSV, replacing any with the same run_id; under a lock, written atomically so a
+    crash never cuts the file. Returns the number of rows in the CSV."""
+    with _locked(csv):
+        new = pd.DataFrame(rows)
+        if csv.is_file():
+            old = pd.read_csv(csv)
+            old = old[~old["run_id"].isin(new["run_id"])]
             new = pd.concat([old, new], ignore_index=True) if not old.empty else new
-        tmp = self.csv.with_suffix(".csv.tmp")
-        new.to_csv(tmp, index=False)
-        os.replace(tmp, self.csv)
+        _atomic_write(csv, new.to_csv(index=False))
+        return len(new)
+
+
+def merge_rows(output_dir: str | Path) -> dict[Path, int]:
+    """Rebuild <experiment>.csv from every runs/<experiment>/*/row.json under output_dir (folders copied
+    together from several machines): rows already in the CSV are kept, a row.json replaces the CSV row of
+    its run, and no run appears twice. Returns {csv: rows} per experiment."""
+    root = Path(output_dir)
+    merged: dict[Path, int] = {}
+    for exp_dir in sorted(p for p in (root / "runs").glob("*") if p.is_dir()):
+        rows = [json.loads(f.read_text()) for f in sorted(exp_dir.glob("*/row.json"))]
+        if rows:
+            csv = root / f"{exp_dir.name}.csv"
+            merged[csv] = upsert_rows(csv, rows)
+    return merged

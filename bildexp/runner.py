@@ -7,12 +7,14 @@ timing, detokenization, scoring, the result files, the progress bar and the prin
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
 
 from bildexp import metrics
 from bildexp.config import Config
+from bildexp.cost import run_cost
 from bildexp.models import PairCache
 from bildexp.policies import make_policy
 from bildexp.results import RunFiles, config_columns, provenance, run_id
@@ -60,7 +62,7 @@ def policy_rates(sums: dict[str, int]) -> dict[str, object]:
     if sums.get("drafts"):  # speculative: vLLM's definitions
         rates["acceptance_rate"] = sums["accepted_tokens"] / max(sums["drafted_tokens"], 1)
         rates["mean_accepted_length"] = 1 + sums["accepted_tokens"] / sums["drafts"]
-        by_pos = [sums[f"accepted_at_{i}"] / sums[f"drafted_at_{i}"] for i in range(1, 100) if sums.get(f"drafted_at_{i}")]
+        by_pos = [sums.get(f"accepted_at_{i}", 0) / sums[f"drafted_at_{i}"] for i in range(1, 100) if sums.get(f"drafted_at_{i}")]
         rates["acceptance_by_position"] = " ".join(f"{a:.3f}" for a in by_pos)
     if sums.get("exits_total"):  # calm: layers counted from 1; exit at the last layer = no early exit
         rates["mean_exit_layer"] = sums["exit_layer_sum"] / sums["exits_total"]
@@ -91,6 +93,7 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         print(f"skip {rid}: already in {files.csv} (runner.force=true to run it again)", file=sys.stderr)
         return done_row
 
+    started = time.perf_counter()
     threads, data, pair, prompts = prepare(cfg, pairs)
     policy = make_policy(cfg.policy)
 
@@ -134,8 +137,10 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         "headline_metric": cfg.task.metric,
         "headline_score": scores[cfg.task.metric],
         **scores,
-        **summarize(records),
+        **(summary := summarize(records)),
+        **run_cost(summary, {"large": pair.large, "small": pair.small}),
         **provenance(pair.device, cfg.pair.dtype, threads),
+        "wall_s": round(time.perf_counter() - started, 1),
     }
     files.write_row(row)
     return row

@@ -120,3 +120,35 @@ def test_any_declared_eos_ends_generation(setup):
     two_eos = dataclasses.replace(pair, eos_token_ids=(*pair.eos_token_ids, stop))
     got = run_policy(two_eos, ps[:1], name="bild", fallback_threshold=0.5, rollback_threshold=0.0)[0]
     assert got.tokens == ref[: ref.index(stop) + 1]
+
+
+def test_oracle_ends_are_the_two_vanilla_models(setup):
+    """BiLD Figure 2's oracle: threshold 0 never replaces (vanilla small), 1 replaces every disagreement
+    (vanilla large, greedy); in between, some tokens come from each model."""
+    pair, ps, large_ref = setup
+    small_ref = [hf_greedy(pair.small, pair, p) for p in ps]
+    assert [g.tokens for g in run_policy(pair, ps, name="oracle", replace_threshold=0.0)] == small_ref
+    assert [g.tokens for g in run_policy(pair, ps, name="oracle", replace_threshold=1.0)] == large_ref
+    mid = run_policy(pair, ps, name="oracle", replace_threshold=0.3)
+    sources = "".join(g.provenance for g in mid)
+    assert "L" in sources and "S" in sources
+    assert sum(g.counters.get("replacements", 0) for g in mid) == sources.count("L")
+
+
+def test_forward_passes_are_metered(setup):
+    """The counters bildexp/cost.py prices: vanilla feeds one token per pass; BiLD's large passes feed
+    every token past the large cache, so they add up to the tokens it verified."""
+    pair, ps, _ = setup
+    for g, prompt in zip(run_policy(pair, ps, name="vanilla", which="large"), ps):
+        c, n, p = g.counters, len(g.tokens), len(prompt.decoder_prefix)
+        # The first pass feeds the decoder prefix (a start token, or a decoder-only model's prompt), each
+        # later one the previous output token; the last output token is never fed.
+        assert c["large_forwards"] == n
+        assert c["large_tokens"] == p + n - 1
+        assert c["large_context"] == sum(p + j for j in range(n - 1))  # the past grows by one per pass
+        assert c["large_attention"] == p * (p + 1) // 2 + sum(p + j + 1 for j in range(n - 1))
+    for g in run_policy(pair, ps, name="bild", fallback_threshold=0.5, rollback_threshold=2.0):
+        c = g.counters
+        assert c["large_forwards"] == c["large_calls"]
+        assert c["small_forwards"] == c["small_steps"]
+        assert c["large_tokens"] >= c["large_forwards"]

@@ -96,13 +96,15 @@ def sample_token(probs: torch.Tensor, top_p: float, generator: torch.Generator) 
     return sample(nucleus(probs, top_p), generator)
 
 
-def model_states(pair: ModelPair, prompt: Prompt) -> tuple:
+def model_states(pair: ModelPair, prompt: Prompt, meter: Counter | None = None) -> tuple:
     """Fresh decoding states (large, small) for one example: two `ModelState`s, or for an early-exit pair
-    the two views of one `SharedLayers` (the small model = the large model's first layers)."""
+    the two views of one `SharedLayers` (the small model = the large model's first layers).
+    meter: counters that the two `ModelState`s add each forward pass's work to (large_*, small_*)."""
     if pair.small_layers is not None:
         shared = SharedLayers(pair.large, pair.small_layers, prompt.encoder_input_ids)
         return shared.large, shared.small
-    return ModelState(pair.large, prompt.encoder_input_ids), ModelState(pair.small, prompt.encoder_input_ids)
+    return (ModelState(pair.large, prompt.encoder_input_ids, meter, "large"),
+            ModelState(pair.small, prompt.encoder_input_ids, meter, "small"))
 
 
 class Policy:

@@ -34,7 +34,7 @@ class BiLD(Policy):
     name = "bild"
 
     def begin(self, pair, prompt: Prompt) -> None:
-        self.large, self.small = model_states(pair, prompt)
+        self.large, self.small = model_states(pair, prompt, self.counters)
         self.pending = 0  # trailing small tokens the large model has not verified yet
 
     def done(self, seq: Sequence) -> bool:

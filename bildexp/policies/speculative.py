@@ -31,7 +31,7 @@ class Speculative(Policy):
     name = "speculative"
 
     def begin(self, pair, prompt: Prompt) -> None:
-        self.large, self.small = model_states(pair, prompt)
+        self.large, self.small = model_states(pair, prompt, self.counters)
 
     def step(self, seq: Sequence) -> None:
         start = len(seq)

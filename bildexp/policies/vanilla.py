@@ -14,7 +14,8 @@ class Vanilla(Policy):
         if self.cfg.which == "small" and pair.small_layers is not None:
             self.state = model_states(pair, prompt)[1]  # an early-exit pair's first layers
         else:
-            self.state = ModelState(pair.large if self.cfg.which == "large" else pair.small, prompt.encoder_input_ids)
+            model = pair.large if self.cfg.which == "large" else pair.small
+            self.state = ModelState(model, prompt.encoder_input_ids, self.counters, self.cfg.which)
 
     def step(self, seq: Sequence) -> None:
         logits = self.state.advance(seq.span(self.state.length))  # [1, V]

@@ -1,0 +1,83 @@
+"""BiLD Figure 8: FLOPs, memory operations and arithmetic intensity of a run, from the models' shapes and
+the tokens each forward pass actually processed.
+
+`ModelState` meters every forward pass of a policy's models (counters <role>_forwards, _tokens, _context,
+_attention, _cross_context, _cross_attention, _encoder_runs, _encoder_tokens, _encoder_attention; role =
+large or small). Everything below
+is linear in those counters, so the sums over a run's examples price the whole run exactly under this
+model of a transformer decoder step of k new tokens after c cached ones (source length s):
+
+  FLOPs  2 · k · (decoder + LM-head weights)            every weight is one multiply-add per token
+       + 4 · attention width · layers · query-key pairs  QKᵀ and the weighted sum of V, self and cross
+  bytes  weight bytes of the decoder and LM head          read once per forward pass, whatever k is
+       + 2 · kv width · layers · (c + k + s) · bytes      K and V read from the caches and written
+
+and, once per example and model, the encoder: 2 · s · encoder weights + its attention, its weights read
+once. Ignored: norms, softmax, activations between layers and the cross-attention K/V projection of the
+encoder output (computed once per example). Batch 1, as in the paper, is where the weight term dominates
+the bytes, which is what makes a k-token pass nearly as cheap as a 1-token one in time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel
+
+from bildexp.layerwise import SUPPORTED, decoder_layers
+
+ROLES = ("large", "small")
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    decoder_weights: int  # decoder layer parameters + the LM head (embeddings are looked up, not multiplied)
+    encoder_weights: int  # 0 for decoder-only models
+    layers: int
+    encoder_layers: int
+    attention_width: int  # heads x head size of the queries
+    kv_width: int  # kv heads x head size of the cached keys (= values)
+    bytes_per_weight: int
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> ModelCost | None:
+        """The shapes of a t5, mt5, llama or qwen2 model (None for other architectures: not priced)."""
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED:
+            return None
+        head = model.get_output_embeddings().weight.numel()
+        layers = decoder_layers(model)
+        dec = sum(p.numel() for p in layers.parameters()) + head
+        if cfg.is_encoder_decoder:  # T5, mT5
+            enc = sum(p.numel() for p in model.get_encoder().block.parameters())
+            width = cfg.num_heads * cfg.d_kv
+            return cls(dec, enc, len(layers), cfg.num_layers, width, width, model.dtype.itemsize)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return cls(dec, 0, len(layers), 0, cfg.num_attention_heads * head_dim, kv_heads * head_dim,
+                   model.dtype.itemsize)
+
+    def flops(self, counters: dict[str, int], role: str) -> float:
+        c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
+        attention = c("attention") + c("cross_attention")
+        decoder = 2 * c("tokens") * self.decoder_weights + 4 * self.attention_width * self.layers * attention
+        encoder = 2 * c("encoder_tokens") * self.encoder_weights
+        encoder += 4 * self.attention_width * self.encoder_layers * c("encoder_attention")
+        return float(decoder + encoder)
+
+    def memory_bytes(self, counters: dict[str, int], role: str) -> float:
+        c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
+        b = self.bytes_per_weight
+        kv = 2 * self.kv_width * self.layers * (c("context") + c("tokens") + c("cross_context")) * b
+        return float((c("forwards") * self.decoder_weights + c("encoder_runs") * self.encoder_weights) * b + kv)
+
+
+def run_cost(counters: dict[str, int], models: dict[str, PreTrainedModel]) -> dict[str, float]:
+    """Summed counters of a run + the model of each role → flops, memory_bytes, arithmetic_intensity
+    (empty when no forward pass was metered, e.g. policies that run layer by layer, or a model is not priced)."""
+    costs = {r: ModelCost.of(models[r]) for r in ROLES if counters.get(f"{r}_forwards")}
+    if not costs or None in costs.values():
+        return {}
+    flops = sum(cost.flops(counters, r) for r, cost in costs.items())
+    mem = sum(cost.memory_bytes(counters, r) for r, cost in costs.items())
+    return {"flops": flops, "memory_bytes": mem, "arithmetic_intensity": flops / mem}

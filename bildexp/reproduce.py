@@ -1,0 +1,119 @@
+"""`bildexp reproduce`: run every sweep of one paper artifact's experiment config (conf/experiment/<artifact>/).
+
+An artifact's config (`offline.yaml` or `paper.yaml`) is an ordinary experiment config plus a `reproduce`
+section: commands to `prepare` (train heads, build a testbed) and the `sweeps`, each one `bildexp run -m`
+after `experiment=<artifact>/<variant>`. Every run is resumable (complete runs are skipped), so an
+interrupted reproduction continues where it stopped when the same command is given again.
+
+`--tiny` runs the same sweeps on the tiny pairs with a few examples, each swept axis cut to its first and
+last values, into a scratch folder: a check in seconds that the config still composes and runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bildexp import PROJECT_ROOT, BildexpError
+
+EXPERIMENT_DIR = PROJECT_ROOT / "conf" / "experiment"
+
+
+def artifacts() -> list[str]:
+    """Every artifact config, as `experiment=` names: bild_fig2/offline, bild_fig2/paper, ..."""
+    return sorted(str(p.relative_to(EXPERIMENT_DIR).with_suffix("")) for p in EXPERIMENT_DIR.glob("*/*.yaml"))
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def expand(sweep: list[str], ends_only: bool = False) -> list[list[str]]:
+    """Hydra multirun overrides → the list of single-run override lists (their cartesian product).
+    ends_only: each swept axis keeps only its first and last values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = []
+    for o in OverridesParser.create().parse_overrides(sweep):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+            if ends_only:
+                values = list(dict.fromkeys([values[0], values[-1]]))
+        else:
+            values = [o.get_value_element_as_str()]
+        axes.append([f"{key}={v}" for v in values])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def with_tiny(overrides: list[str], tiny: list[str]) -> list[str]:
+    """overrides with every key that `tiny` sets replaced by tiny's value."""
+    replaced = {_key(t) for t in tiny}
+    return [o for o in overrides if _key(o) not in replaced] + list(tiny)
+
+
+def plan(experiment: str) -> tuple[object, list[list[str]]]:
+    """The composed config of an artifact and its sweeps as complete override lists, each starting with
+    experiment=...: the artifact's own, or the one the sweep names (a testbed experiment run into the
+    artifact's output folder, e.g. PPD's two testbeds)."""
+    from bildexp.cli import compose_config
+
+    if experiment not in artifacts():
+        raise BildexpError(f"unknown artifact experiment {experiment!r}: one of {', '.join(artifacts())}")
+    cfg = compose_config(f"experiment={experiment}")
+    if not cfg.reproduce.sweeps:
+        raise BildexpError(f"experiment={experiment} has no reproduce.sweeps: nothing to run")
+    sweeps = []
+    for line in cfg.reproduce.sweeps:
+        sweep = shlex.split(line)
+        if sweep and sweep[0].startswith("experiment="):
+            sweep = [sweep[0], *sweep[1:], f"runner.output_dir={cfg.runner.output_dir}"]
+        else:
+            sweep = [f"experiment={experiment}", *sweep]
+        sweeps.append(sweep)
+    return cfg, sweeps
+
+
+def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = ()) -> list[dict]:
+    """Every sweep of the artifact in tiny mode, in this process; returns the rows (one per distinct run)."""
+    from bildexp.cli import compose_config
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    cfg, sweeps = plan(experiment)
+    tiny = [*cfg.reproduce.tiny, f"runner.output_dir={output_dir}", "runner.progress=false", *extra]
+    pairs = PairCache()
+    rows: dict[str, dict] = {}
+    for sweep in sweeps:
+        for point in expand(sweep, ends_only=True):
+            point_cfg = compose_config(*with_tiny(point, tiny))
+            row = run(point_cfg, pairs)
+            rows[row["run_id"]] = row
+    return list(rows.values())
+
+
+def run_sweeps(experiment: str, extra: list[str], dry_run: bool = False) -> int:
+    """`prepare`, then each sweep as `bildexp run -m experiment=... SWEEP EXTRA` in its own process."""
+    cfg, sweeps = plan(experiment)
+    bildexp = [sys.executable, "-m", "bildexp.cli"]
+    commands = [[*bildexp, *shlex.split(c)] for c in cfg.reproduce.prepare]
+    commands += [[*bildexp, "run", "-m", *s, *extra] for s in sweeps]
+    started = time.perf_counter()
+    for i, command in enumerate(commands, 1):
+        shown = "bildexp " + shlex.join(command[3:])
+        print(f"[{i}/{len(commands)}] {shown}", file=sys.stderr, flush=True)
+        if dry_run:
+            continue
+        code = subprocess.run(command).returncode
+        if code:
+            print(f"bildexp reproduce: stopped: `{shown}` exited with {code}; the same command resumes",
+                  file=sys.stderr)
+            return code
+    if not dry_run:
+        csv = Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv"
+        print(f"{experiment}: {len(commands)} commands in {time.perf_counter() - started:.0f} s; results: {csv}")
+    return 0
