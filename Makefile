@@ -11,7 +11,8 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match clean
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match \
+	reproduce-results reproduce-figures reproduce-tiny clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -106,5 +107,21 @@ sweep-smollm2: .venv/.installed ## 12-point BiLD sweeps, unaligned and aligned d
 	  policy.fallback_threshold=0.2,0.4,0.6,0.8 policy.rollback_threshold=2,4,8
 	$(BILDEXP) plot --csv results/smollm2.csv --out results/figures
 
+# Every paper artifact (docs/REPRODUCTION.md): conf/experiment/<artifact>/offline.yaml, run one after the other
+# on one worker (the latencies are measured). Resumable: the same command skips complete runs.
+ARTIFACTS := bild_fig2 bild_fig4_table1 bild_fig5 bild_fig6_7 bild_table3_4 bild_table5 bild_fig8 bild_fig9 \
+	bild_fig10 ppd_table1 ppd_fig2_4
+VARIANT ?= offline
+
+reproduce-results: .venv/.installed ## run every artifact's offline variant into results/offline (resumable; REPRODUCTION.md has the time)
+	@for a in $(ARTIFACTS); do $(BILDEXP) reproduce experiment=$$a/$(VARIANT) $(OVERRIDES) || exit 1; done
+
+reproduce-figures: .venv/.installed ## every paper figure (PNG, PDF) and table (Markdown, LaTeX) from results/offline/*.csv, in seconds
+	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
+
+reproduce-tiny: .venv/.installed ## every artifact config (offline and paper) on the tiny pairs: a check that none has rotted
+	@for a in $(ARTIFACTS); do for v in offline paper; do \
+	  $(BILDEXP) reproduce experiment=$$a/$$v --tiny --tiny-dir results/tiny || exit 1; done; done
+
 clean: ## remove results (keeps .venv and the tiny-model cache)
-	rm -rf results/*.csv results/runs results/figures
+	rm -rf results/*.csv results/runs results/figures results/tiny
