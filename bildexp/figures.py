@@ -305,27 +305,37 @@ def figure8(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
     return fig, table
 
 
-def figure9(generations: Path, config: Path, limit: int = 4) -> tuple[str, str]:
+def fig9_tokens(generations: Path, config: Path, limit: int = 4) -> list[dict]:
+    """The first examples of a BiLD run as Figure 9 needs them: ids, output tokens, who produced each, and
+    the setting. Model outputs only: no source or reference text (the repository holds no ../shared data)."""
+    cfg = json.loads(config.read_text())
+    setting = {"pair": cfg["pair"]["name"], "tokenizer": cfg["pair"]["tokenizer"] or cfg["pair"]["large"],
+               "fallback_threshold": cfg["policy"]["fallback_threshold"], "rollback_threshold": cfg["policy"]["rollback_threshold"]}
+    records = [json.loads(line) for line in generations.read_text().splitlines()[:limit]]
+    return [{"id": r["id"], "tokens": r["tokens"], "provenance": r["provenance"], **setting} for r in records]
+
+
+def figure9(records: list[dict]) -> tuple[str, str]:
     """BiLD Figure 9: example outputs with the large model's tokens highlighted → (HTML, LaTeX)."""
     from transformers import AutoTokenizer
 
-    cfg = json.loads(config.read_text())
-    tokenizer = AutoTokenizer.from_pretrained(cfg["pair"]["tokenizer"] or cfg["pair"]["large"])
-    records = [json.loads(line) for line in generations.read_text().splitlines()[:limit]]
+    first = records[0]
+    tokenizer = AutoTokenizer.from_pretrained(first["tokenizer"])
     html_rows, tex_rows = [], []
     for r in records:
         pieces, prev = [], ""
-        for i, source in enumerate(r["provenance"]):  # text each token adds, with who produced it
+        for i, source in enumerate(r["provenance"]):  # the text each token adds, and who produced it
             text = tokenizer.decode(r["tokens"][: i + 1], skip_special_tokens=True)
-            pieces.append((text[len(prev):], source))
+            if text != prev:
+                pieces.append((text[len(prev):], source))
             prev = text
-        html_rows.append("<p><b>Reference:</b> " + html.escape(r["reference"]) + "<br><b>BiLD:</b> " + "".join(
+        html_rows.append(f"<p><b>{html.escape(str(r['id']))}:</b> " + "".join(
             f'<span style="background:#9be39b">{html.escape(t)}</span>' if s == "L" else html.escape(t)
             for t, s in pieces) + "</p>")
-        tex_rows.append(r"\textbf{Reference:} " + _tex(r["reference"]) + r" \\" + "\n" + r"\textbf{BiLD:} " + "".join(
+        tex_rows.append(r"\textbf{" + _tex(str(r["id"])) + ":} " + "".join(
             r"\colorbox{green!30}{" + _tex(t) + "}" if s == "L" and t.strip() else _tex(t) for t, s in pieces) + r" \\[4pt]")
-    title = (f"BiLD Figure 9: {cfg['pair']['name']}, fallback {cfg['policy']['fallback_threshold']:g}, rollback "
-             f"{cfg['policy']['rollback_threshold']:g}; highlighted tokens come from the large model")
+    title = (f"BiLD Figure 9: {first['pair']}, fallback {first['fallback_threshold']:g}, rollback "
+             f"{first['rollback_threshold']:g}; highlighted tokens come from the large model")
     page = f"<html><body><h3>{html.escape(title)}</h3>\n" + "\n".join(html_rows) + "\n</body></html>\n"
     tex = f"% {title}\n% needs \\usepackage{{xcolor}}\n" + "\n".join(tex_rows) + "\n"
     return page, tex
@@ -434,12 +444,18 @@ def make_figures(results: str | Path, out: str | Path) -> list[Path]:
         paths += write_figure(fig, out / "bild_fig8")
         paths += write_table(table, out / "bild_fig8", "BiLD Figure 8: cost of BiLD / vanilla large (bildexp/cost.py)",
                              "Paper (CNN/DM, 1.85x): FLOPs slightly higher, memory operations ~5x lower, arithmetic intensity ~5x higher.")
+    tokens = results / "bild_fig9_tokens.jsonl"
     runs = sorted((results / "runs" / "bild_fig9").glob("*/generations.jsonl"))
-    if runs:
-        page, tex = figure9(runs[-1], runs[-1].with_name("config.json"))
+    if runs:  # a fresh bild_fig9 run: refresh the committed tokens file from it
+        records = fig9_tokens(runs[-1], runs[-1].with_name("config.json"))
+        tokens.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    if tokens.is_file():
+        page, tex = figure9([json.loads(line) for line in tokens.read_text().splitlines()])
         for path, text in ((out / "bild_fig9.html", page), (out / "bild_fig9.tex", tex)):
             path.write_text(text, encoding="utf-8")
             paths.append(path)
+    else:
+        print(f"skip: {tokens} not found (bildexp reproduce experiment=bild_fig9/offline writes it)", file=sys.stderr)
     if (df := csv("ppd")) is not None:
         paths += write_table(ppd_table1_frame(df), out / "ppd_table1", "PPD Table 1: match rates (%), paper beside ours")
         (out / "ppd_tables4_6.md").write_text(ppd.position_tables(df), encoding="utf-8")
