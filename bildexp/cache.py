@@ -31,7 +31,8 @@ class ModelState:
     def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None,
                  meter: Counter | None = None, role: str = "large"):
         # encoder_input_ids: [1, S] for encoder-decoder models, None for decoder-only ones.
-        # meter: counters to add the work of every forward pass to, under <role>_* (bildexp/cost.py).
+        # meter: counters to add the work of every forward pass to, as <role>_pass*, <role>_encoder_* (bildexp/cost.py;
+        # apart from the policies' own counters such as BiLD's small_tokens).
         self.model = model
         self.meter = meter
         self.role = role
@@ -85,13 +86,13 @@ class ModelState:
     def _count_forward(self, k: int) -> None:
         """The work of one forward pass of k tokens after `length` cached ones, in the units cost.py prices."""
         c, s = self.length, self.source_len
-        self._count("forwards", 1)
-        self._count("tokens", k)
-        self._count("context", c)  # cached tokens whose keys and values are read
-        self._count("attention", k * c + k * (k + 1) // 2)  # causal query-key pairs
+        self._count("passes", 1)
+        self._count("pass_tokens", k)
+        self._count("pass_context", c)  # cached tokens whose keys and values are read
+        self._count("pass_attention", k * c + k * (k + 1) // 2)  # causal query-key pairs
         if self.is_encoder_decoder:
-            self._count("cross_context", s)  # encoder positions whose cross-attention K/V are read
-            self._count("cross_attention", k * s)
+            self._count("pass_cross_context", s)  # encoder positions whose cross-attention K/V are read
+            self._count("pass_cross_attention", k * s)
 
     def rollback(self, n: int) -> None:
         """Keep only the first n cached tokens (self-attention only; cross-attention stays)."""

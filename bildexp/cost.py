@@ -1,9 +1,9 @@
 """BiLD Figure 8: FLOPs, memory operations and arithmetic intensity of a run, from the models' shapes and
 the tokens each forward pass actually processed.
 
-`ModelState` meters every forward pass of a policy's models (counters <role>_forwards, _tokens, _context,
-_attention, _cross_context, _cross_attention, _encoder_runs, _encoder_tokens, _encoder_attention; role =
-large or small). Everything below
+`ModelState` meters every forward pass of a policy's models (counters <role>_passes, _pass_tokens,
+_pass_context, _pass_attention, _pass_cross_context, _pass_cross_attention, _encoder_runs, _encoder_tokens,
+_encoder_attention; role = large or small). Everything below
 is linear in those counters, so the sums over a run's examples price the whole run exactly under this
 model of a transformer decoder step of k new tokens after c cached ones (source length s):
 
@@ -59,8 +59,8 @@ class ModelCost:
 
     def flops(self, counters: dict[str, int], role: str) -> float:
         c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
-        attention = c("attention") + c("cross_attention")
-        decoder = 2 * c("tokens") * self.decoder_weights + 4 * self.attention_width * self.layers * attention
+        attention = c("pass_attention") + c("pass_cross_attention")
+        decoder = 2 * c("pass_tokens") * self.decoder_weights + 4 * self.attention_width * self.layers * attention
         encoder = 2 * c("encoder_tokens") * self.encoder_weights
         encoder += 4 * self.attention_width * self.encoder_layers * c("encoder_attention")
         return float(decoder + encoder)
@@ -68,14 +68,14 @@ class ModelCost:
     def memory_bytes(self, counters: dict[str, int], role: str) -> float:
         c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
         b = self.bytes_per_weight
-        kv = 2 * self.kv_width * self.layers * (c("context") + c("tokens") + c("cross_context")) * b
-        return float((c("forwards") * self.decoder_weights + c("encoder_runs") * self.encoder_weights) * b + kv)
+        kv = 2 * self.kv_width * self.layers * (c("pass_context") + c("pass_tokens") + c("pass_cross_context")) * b
+        return float((c("passes") * self.decoder_weights + c("encoder_runs") * self.encoder_weights) * b + kv)
 
 
 def run_cost(counters: dict[str, int], models: dict[str, PreTrainedModel]) -> dict[str, float]:
     """Summed counters of a run + the model of each role → flops, memory_bytes, arithmetic_intensity
     (empty when no forward pass was metered, e.g. policies that run layer by layer, or a model is not priced)."""
-    costs = {r: ModelCost.of(models[r]) for r in ROLES if counters.get(f"{r}_forwards")}
+    costs = {r: ModelCost.of(models[r]) for r in ROLES if counters.get(f"{r}_passes")}
     if not costs or None in costs.values():
         return {}
     flops = sum(cost.flops(counters, r) for r, cost in costs.items())

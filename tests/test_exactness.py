@@ -143,12 +143,12 @@ def test_forward_passes_are_metered(setup):
         c, n, p = g.counters, len(g.tokens), len(prompt.decoder_prefix)
         # The first pass feeds the decoder prefix (a start token, or a decoder-only model's prompt), each
         # later one the previous output token; the last output token is never fed.
-        assert c["large_forwards"] == n
-        assert c["large_tokens"] == p + n - 1
-        assert c["large_context"] == sum(p + j for j in range(n - 1))  # the past grows by one per pass
-        assert c["large_attention"] == p * (p + 1) // 2 + sum(p + j + 1 for j in range(n - 1))
+        assert c["large_passes"] == n
+        assert c["large_pass_tokens"] == p + n - 1
+        assert c["large_pass_context"] == sum(p + j for j in range(n - 1))  # the past grows by one per pass
+        assert c["large_pass_attention"] == p * (p + 1) // 2 + sum(p + j + 1 for j in range(n - 1))
     for g in run_policy(pair, ps, name="bild", fallback_threshold=0.5, rollback_threshold=2.0):
         c = g.counters
-        assert c["large_forwards"] == c["large_calls"]
-        assert c["small_forwards"] == c["small_steps"]
-        assert c["large_tokens"] >= c["large_forwards"]
+        assert c["large_passes"] == c["large_calls"]
+        assert c["small_passes"] == c["small_steps"]
+        assert c["large_pass_tokens"] >= c["large_passes"]

@@ -92,8 +92,10 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
     run(cfg, pairs)
     files = RunFiles(tmp_path, "default", run_id(cfg))
     full = files.generations.read_text().splitlines()
-    # Simulate a crash after the first example, mid-way through writing the second, before the CSV row.
+    # Simulate a crash after the first example, mid-way through writing the second, before the run's row
+    # (row.json, then the CSV) was written.
     files.generations.write_text(full[0] + "\n" + full[1][:20])
+    files.row_file.unlink()
     files.csv.unlink()
     run(cfg, pairs)
     again = [json.loads(x) for x in files.generations.read_text().splitlines()]

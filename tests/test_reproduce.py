@@ -101,14 +101,14 @@ def test_cost_model_is_linear_in_the_metered_work(tiny_pair):
     """One pass of k tokens after c cached ones: 2·k·weights + 4·width·layers·pairs FLOPs; the weights read once."""
     cost = ModelCost.of(tiny_pair.large)
     k, c = 4, 10
-    counters = {"large_forwards": 1, "large_tokens": k, "large_context": c, "large_attention": k * c + k * (k + 1) // 2}
-    flops = 2 * k * cost.decoder_weights + 4 * cost.attention_width * cost.layers * counters["large_attention"]
+    counters = {"large_passes": 1, "large_pass_tokens": k, "large_pass_context": c, "large_pass_attention": k * c + k * (k + 1) // 2}
+    flops = 2 * k * cost.decoder_weights + 4 * cost.attention_width * cost.layers * counters["large_pass_attention"]
     assert cost.flops(counters, "large") == flops
     weight_bytes = cost.decoder_weights * cost.bytes_per_weight
     assert cost.memory_bytes(counters, "large") == weight_bytes + 2 * cost.kv_width * cost.layers * (c + k) * cost.bytes_per_weight
     # Doubling the passes of one token doubles the weight traffic; one pass of 2k tokens does not.
-    one = run_cost({"large_forwards": 1, "large_tokens": 8}, {"large": tiny_pair.large})
-    many = run_cost({"large_forwards": 8, "large_tokens": 8}, {"large": tiny_pair.large})
+    one = run_cost({"large_passes": 1, "large_pass_tokens": 8}, {"large": tiny_pair.large})
+    many = run_cost({"large_passes": 8, "large_pass_tokens": 8}, {"large": tiny_pair.large})
     assert many["memory_bytes"] > 7 * one["memory_bytes"] and many["flops"] == one["flops"]
     assert one["arithmetic_intensity"] > many["arithmetic_intensity"]
 
