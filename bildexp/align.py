@@ -71,6 +71,9 @@ def calibration_set(cfg: AlignRunConfig, pair: ModelPair, path: Path) -> dict:
 
 def align(cfg: AlignRunConfig, command: str = "") -> dict:
     out = Path(cfg.align.output_dir)
+    if (out / "report.json").is_file():  # finished: `bildexp reproduce` runs its prepare steps again on resume
+        print(f"{out} is already aligned (delete {out / 'report.json'} to align again)", file=sys.stderr)
+        return json.loads((out / "report.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.pair.threads)
     pair = load_pair(cfg.pair)

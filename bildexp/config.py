@@ -142,7 +142,8 @@ class ReproduceConfig:
     # sweeps; an entry that starts with experiment=OTHER runs that experiment into this one's output_dir.
     sweeps: list[str] = field(default_factory=list)
     # `--tiny`: these overrides replace the same keys in every sweep (tiny pairs, a few examples, short
-    # outputs), and each swept axis keeps only its first and last values: a check that the config runs.
+    # outputs), and each swept value axis keeps only its first and last values (every group choice stays):
+    # a check that the config runs.
     tiny: list[str] = field(
         default_factory=lambda: ["pair=tiny_t5", "runner.limit=2", "runner.warmup=0", "task.max_new_tokens=8"]
     )

@@ -81,6 +81,23 @@ def _base(df: pd.DataFrame, pair: str | None = None, sampling: bool = False) -> 
     return rows.sort_values("_time").iloc[-1]
 
 
+_VARIANTS = ("aligned", "early_exit", "calm")
+
+
+def _main_pair(df: pd.DataFrame) -> str | None:
+    """The pair every speedup of one task is against: its vanilla-large pair that is not a variant of another
+    (aligned, early exit, CALM); None when there is no single one (several tasks: plots picks per group)."""
+    rows = df[(df["policy"] == "vanilla") & (df["which"].astype("string") == "large")]
+    plain = sorted({p for p in rows["pair"].astype(str) if not any(v in p for v in _VARIANTS)})
+    return plain[0] if len(plain) == 1 else None
+
+
+def _tasks(df: pd.DataFrame):
+    """(task, its rows, its main pair) for every task of a CSV, in name order."""
+    for task, rows in df.groupby("task", sort=True):
+        yield task, rows, _main_pair(rows)
+
+
 def _against(rows: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
     out = rows.copy()
     out["speedup"] = base["latency_ms_mean"] / out["latency_ms_mean"]
@@ -95,47 +112,60 @@ def _fastest(rows: pd.DataFrame, floor: float) -> pd.Series | None:
 
 
 def bild_table1(df: pd.DataFrame) -> pd.DataFrame:
-    """BiLD Table 1: the paper's four tasks beside our testbed, per method and setting."""
+    """BiLD Table 1: the paper's four tasks beside each of our tasks, per method and setting."""
     paper = paper_table("bild_table1")
-    picks = plots.table1_frame(df, "t5_multi30k")
-    base = _base(df, "t5_multi30k")
-    rows = []
+    ours = []
+    for task, rows, main in _tasks(df):
+        ours.append((task, _base(rows, main), plots.table1_frame(rows, main)))
+    out = []
     for (method, setting), _ in paper.groupby(["method", "setting"], sort=False):
         row = {"method": method, "setting": setting or "—"}
         for _, p in paper[(paper["method"] == method) & (paper["setting"] == setting)].iterrows():
             row[f"paper {p['task']} ({p['metric']})"] = _score_speed(p["quality"], p["speedup"])
-        if method == "vanilla_large":
-            ours = f"{base['headline_score']:.2f}, 1.00x"
-        else:
-            hit = picks[(picks["series"] == SERIES[method]) & (picks["criterion"] == CRITERION[setting])]
-            ours = "—" if hit.empty else (_score_speed(hit.iloc[0]["headline_score"], hit.iloc[0]["speedup"])
-                                          + f", {plots._thresholds(hit.iloc[0])}")
-        row[f"ours multi30k ({base['headline_metric']})"] = ours
-        rows.append(row)
-    return pd.DataFrame(rows)
+        for task, base, picks in ours:
+            if method == "vanilla_large":
+                cell = f"{base['headline_score']:.2f}, 1.00x"
+            else:
+                hit = picks[(picks["series"] == SERIES[method]) & (picks["criterion"] == CRITERION[setting])]
+                cell = "—" if hit.empty else (_score_speed(hit.iloc[0]["headline_score"], hit.iloc[0]["speedup"])
+                                              + f", {plots._thresholds(hit.iloc[0])}")
+            row[f"ours {task} ({base['headline_metric']})"] = cell
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _panels(n: int, width: float = 5.5, height: float = 4.0):
+    fig = Figure(figsize=(width * n, height), layout="constrained")
+    return fig, np.atleast_1d(fig.subplots(1, n, squeeze=False).ravel())
 
 
 def figure2(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
-    """BiLD Figure 2: quality against the share of tokens the large model provided (policy=oracle)."""
-    oracle = df[df["policy"] == "oracle"].sort_values("replace_threshold")
-    large, small = _base(df), plots._vanilla(df, "small").iloc[-1]
-    fig = Figure(figsize=(5.5, 4.0), layout="constrained")
-    ax = fig.subplots()
-    ax.plot(100 * oracle["large_token_share"], oracle["headline_score"], "-o", color="#1f78b4", label="small + oracle large")
-    ax.axhline(large["headline_score"], color="0.2", lw=1, label="vanilla large")
-    ax.axhline(small["headline_score"], color="0.2", lw=1, ls=":", label="vanilla small")
-    ax.set_xlabel("tokens provided by the large model (%)")
-    ax.set_ylabel(str(large["headline_metric"]))
-    ax.set_title(f"{large['task']}: {large['pair']}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    table = pd.DataFrame({
-        "replace threshold": oracle["replace_threshold"].map(lambda x: f"{x:g}"),
-        "large-model tokens (%)": 100 * oracle["large_token_share"],
-        "score": oracle["headline_score"],
-        "score - vanilla large": oracle["headline_score"] - large["headline_score"],
-    })
-    return fig, table
+    """BiLD Figure 2: quality against the share of tokens the large model provided (policy=oracle), per task."""
+    tasks = list(_tasks(df))
+    fig, axes = _panels(len(tasks))
+    tables = []
+    for ax, (task, rows, main) in zip(axes, tasks):
+        oracle = rows[rows["policy"] == "oracle"].sort_values("replace_threshold")
+        large = _base(rows, main)
+        small = plots._vanilla(rows, "small", main)
+        ax.plot(100 * oracle["large_token_share"], oracle["headline_score"], "-o", color="#1f78b4",
+                label="small + oracle large")
+        ax.axhline(large["headline_score"], color="0.2", lw=1, label="vanilla large")
+        if len(small):
+            ax.axhline(small.iloc[-1]["headline_score"], color="0.2", lw=1, ls=":", label="vanilla small")
+        ax.set_xlabel("tokens provided by the large model (%)")
+        ax.set_ylabel(str(large["headline_metric"]))
+        ax.set_title(f"{task}: {large['pair']}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        tables.append(pd.DataFrame({
+            "task": task,
+            "replace threshold": oracle["replace_threshold"].map(lambda x: f"{x:g}"),
+            "large-model tokens (%)": 100 * oracle["large_token_share"],
+            "score": oracle["headline_score"],
+            "score - vanilla large": oracle["headline_score"] - large["headline_score"],
+        }))
+    return fig, pd.concat(tables, ignore_index=True)
 
 
 def _curves(ax, rows: pd.DataFrame, label_of, color_of) -> None:
@@ -162,19 +192,23 @@ def _ablation(row: pd.Series) -> str:
 
 
 def figure5(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
-    """BiLD Figure 5: full BiLD against no rollback and no fallback (fixed hand-over after 3-10 steps)."""
-    base = _base(df)
-    rows = _against(df[df["policy"] == "bild"], base)
-    rows["series"] = rows.apply(_ablation, axis=1)
+    """BiLD Figure 5: full BiLD against no rollback and no fallback (fixed hand-over after 3-10 steps), per task."""
     colors = {"BiLD": "#1f78b4", "BiLD without rollback": "#d95f02", "BiLD without fallback": "#7570b3"}
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
-    ax = fig.subplots()
-    _reference_lines(ax, base)
-    _curves(ax, rows, "series", colors.get)
-    ax.set_xlabel(f"latency / vanilla large ({base['pair']})")
-    ax.legend(fontsize=7, loc="lower right")
-    table = _best_by_series(rows, base)
-    return fig, table
+    tasks = list(_tasks(df))
+    fig, axes = _panels(len(tasks), 6.0, 4.2)
+    tables = []
+    for ax, (task, rows, main) in zip(axes, tasks):
+        base = _base(rows, main)
+        bild = _against(rows[rows["policy"] == "bild"], base)
+        bild["series"] = bild.apply(_ablation, axis=1)
+        _reference_lines(ax, base)
+        _curves(ax, bild, "series", colors.get)
+        ax.set_xlabel(f"latency / vanilla large ({base['pair']})")
+        ax.set_title(task, fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        tables.append(_best_by_series(bild, base).assign(task=task))
+    table = pd.concat(tables, ignore_index=True)
+    return fig, table[["task", *[c for c in table.columns if c != "task"]]]
 
 
 def _best_by_series(rows: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
@@ -199,43 +233,50 @@ def _setting_text(r: pd.Series) -> str:
 
 
 def figures6_7(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
-    """BiLD Figures 6-7: BiLD early exit and CALM, each against its own fine-tuned model's vanilla decoding."""
+    """BiLD Figures 6-7: BiLD early exit (BiLD on an early-exit pair) and CALM, each against its own
+    fine-tuned model's vanilla decoding, per task."""
     facts = {"bild": "IWSLT 1.60x, WMT 1.74x within 1 BLEU (Figure 6)",
              "calm": "BiLD up to ~2 BLEU better at ~1.5x (Figure 7)"}
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
-    ax = fig.subplots()
-    ax.axhline(0.0, color="0.3", lw=1)
-    ax.axhline(-plots.ONE_POINT, color="0.3", lw=1, ls="--")
+    tasks = [(task, rows) for task, rows, _ in _tasks(df) if (rows["policy"] == "calm").any()
+             or rows["pair"].astype(str).str.contains("early_exit").any()]
+    fig, axes = _panels(max(len(tasks), 1), 6.0, 4.2)
     table = []
-    for policy, pair, color, label in (("bild", "t5_multi30k_early_exit", "#1f78b4", "BiLD early exit"),
-                                       ("calm", "t5_multi30k_calm", "#d95f02", "CALM")):
-        base = _base(df, pair)
-        rows = _against(df[(df["policy"] == policy) & (df["pair"] == pair)], base)
-        rows = rows.assign(headline_score=rows["quality_delta"])
-        front = plots.pareto(rows)
-        ax.scatter(rows["normalized_latency"], rows["headline_score"], color=color, s=10, alpha=0.35)
-        ax.plot(front["normalized_latency"], front["headline_score"], "-o", ms=4, lw=1, color=color,
-                label=f"{label} (vanilla {base['headline_score']:.2f})")
-        for name, floor in (("no loss", 0.0), ("within 1 point", -plots.ONE_POINT)):
-            best = _fastest(rows, floor)
-            table.append({"method": label, "criterion": name,
-                          "score - own vanilla": np.nan if best is None else best["headline_score"],
-                          "speedup": np.nan if best is None else best["speedup"],
-                          "settings": "—" if best is None else _setting_text(best), "paper": facts[policy]})
-    ax.set_xlabel("latency / the same model's vanilla latency")
-    ax.set_ylabel("score - the same model's vanilla score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    for ax, (task, rows) in zip(axes, tasks):
+        ax.axhline(0.0, color="0.3", lw=1)
+        ax.axhline(-plots.ONE_POINT, color="0.3", lw=1, ls="--")
+        early = rows[(rows["policy"] == "bild") & rows["pair"].astype(str).str.contains("early_exit")]
+        calm = rows[rows["policy"] == "calm"]
+        for policy, method, color, label in (("bild", early, "#1f78b4", "BiLD early exit"), ("calm", calm, "#d95f02", "CALM")):
+            for pair, pts in method.groupby("pair", sort=True):
+                base = _base(rows, pair)
+                pts = _against(pts, base)
+                pts = pts.assign(headline_score=pts["quality_delta"])
+                front = plots.pareto(pts)
+                ax.scatter(pts["normalized_latency"], pts["headline_score"], color=color, s=10, alpha=0.35)
+                ax.plot(front["normalized_latency"], front["headline_score"], "-o", ms=4, lw=1, color=color,
+                        label=f"{label} (vanilla {base['headline_score']:.2f})")
+                for name, floor in (("no loss", 0.0), ("within 1 point", -plots.ONE_POINT)):
+                    best = _fastest(pts, floor)
+                    table.append({"task": task, "method": label, "criterion": name,
+                                  "score - own vanilla": np.nan if best is None else best["headline_score"],
+                                  "speedup": np.nan if best is None else best["speedup"],
+                                  "settings": "—" if best is None else _setting_text(best), "paper": facts[policy]})
+        ax.set_xlabel("latency / the same model's vanilla latency")
+        ax.set_ylabel("score - the same model's vanilla score")
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     return fig, pd.DataFrame(table)
 
 
 def bild_tables3_4(df: pd.DataFrame) -> pd.DataFrame:
     """BiLD Tables 3-4: matched latency / matched quality against speculative, with the paper's rows."""
-    ours = plots.table3_frame(df, "t5_multi30k")
+    ours = pd.concat([plots.table3_frame(rows[~rows["pair"].astype(str).str.contains("early_exit|calm")], main)
+                      for _, rows, main in _tasks(df)], ignore_index=True)
     rows = []
     for _, r in ours.iterrows():
         vanilla = r["row"] == "vanilla large"
-        rows.append({"source": "ours multi30k", "row": r["row"], "score": r["headline_score"],
+        rows.append({"source": f"ours {r['task']}", "row": r["row"], "score": r["headline_score"],
                      "speedup": 1.0 if vanilla else r["speedup"],
                      "% fallback": np.nan if vanilla else 100 * r["fallback_rate"],
                      "% rollback / rejection": np.nan if vanilla else 100 * r["rollback_rate"],
@@ -255,54 +296,62 @@ def bild_tables3_4(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def bild_table5(df: pd.DataFrame) -> pd.DataFrame:
-    """BiLD Table 5: nucleus sampling (p = 0.8), against the sampled vanilla-large run."""
-    base = _base(df, sampling=True)
-    rows = _against(plots._normalise(df).query("policy == 'bild' and sampling"), base)
-    picks = {"improved_quality": rows.sort_values(["headline_score", "speedup"], ascending=False).iloc[0],
-             "matched_quality": _fastest(rows, base["headline_score"]),
-             "matched_latency": _fastest(rows, base["headline_score"] - plots.ONE_POINT)}
+    """BiLD Table 5: nucleus sampling (p = 0.8), against the sampled vanilla-large run, per task."""
     paper = paper_table("bild_table5")
-    out = [{"setting": "vanilla large", "ours score": base["headline_score"], "ours delta": 0.0, "ours speedup": 1.0,
-            "ours settings": ""}]
-    for setting, r in picks.items():
-        out.append({"setting": setting, "ours score": np.nan if r is None else r["headline_score"],
-                    "ours delta": np.nan if r is None else r["quality_delta"],
-                    "ours speedup": np.nan if r is None else r["speedup"],
-                    "ours settings": "—" if r is None else _setting_text(r)})
-    for row in out:
-        key = "" if row["setting"] == "vanilla large" else row["setting"]
+    settings = ["vanilla large", "improved_quality", "matched_quality", "matched_latency"]
+    out = {s: {"setting": s} for s in settings}
+    for task, rows, main in _tasks(df):
+        base = _base(rows, main, sampling=True)
+        bild = _against(plots._normalise(rows).query("policy == 'bild' and sampling"), base)
+        picks = {"vanilla large": base.to_dict() | {"quality_delta": 0.0, "speedup": 1.0, "policy": "vanilla"},
+                 "improved_quality": None if bild.empty else bild.sort_values(["headline_score", "speedup"], ascending=False).iloc[0],
+                 "matched_quality": _fastest(bild, base["headline_score"]),
+                 "matched_latency": _fastest(bild, base["headline_score"] - plots.ONE_POINT)}
+        for setting, r in picks.items():
+            out[setting][f"ours {task}"] = "—" if r is None else (
+                f"{r['headline_score']:.2f} ({r['quality_delta']:+.2f}), {r['speedup']:.2f}x"
+                + ("" if setting == "vanilla large" else f", {_setting_text(pd.Series(r))}"))
+    for setting, row in out.items():
+        key = "" if setting == "vanilla large" else setting
         for _, p in paper[paper["setting"] == key].iterrows():
-            row[f"paper {p['task']}"] = f"{p['quality']:.2f}" + (f" ({p['delta']})" if isinstance(p["delta"], str) else "") + f", {p['speedup']:.2f}x"
-    return pd.DataFrame(out)
+            delta = f" ({p['delta']})" if isinstance(p["delta"], str) else ""
+            row[f"paper {p['task']}"] = f"{p['quality']:.2f}{delta}, {p['speedup']:.2f}x"
+    return pd.DataFrame(list(out.values()))
 
 
 def figure8(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
-    """BiLD Figure 8: FLOPs, memory traffic and arithmetic intensity normalised by vanilla large."""
-    base = _base(df)
-    rows = _against(df[df["policy"] == "bild"].dropna(subset=["flops"]), base)
-    pick = _fastest(rows, base["headline_score"])
-    if pick is None:  # no run at vanilla quality: the best-scoring one
-        pick = rows.sort_values("headline_score", ascending=False).iloc[0]
-    table = pd.DataFrame({
-        "settings": rows.apply(_setting_text, axis=1),
-        "score - vanilla": rows["quality_delta"],
-        "FLOPs": rows["flops"] / base["flops"],
-        "memory bytes": rows["memory_bytes"] / base["memory_bytes"],
-        "arithmetic intensity": rows["arithmetic_intensity"] / base["arithmetic_intensity"],
-        "speedup": rows["speedup"],
-    }).sort_values("speedup", ascending=False)
-    bars = [pick["flops"] / base["flops"], pick["memory_bytes"] / base["memory_bytes"],
-            pick["arithmetic_intensity"] / base["arithmetic_intensity"], pick["speedup"]]
-    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = fig.subplots()
+    """BiLD Figure 8: FLOPs, memory traffic and arithmetic intensity normalised by vanilla large, per task:
+    bars for the fastest BiLD run at vanilla quality (else the best-scoring one), a table for every run."""
+    tasks = list(_tasks(df))
+    fig, axes = _panels(len(tasks), 5.5, 3.8)
+    tables = []
     names = ["FLOPs", "memory ops", "arithmetic\nintensity", "speedup"]
-    ax.bar(names, bars, color=["#1b9e77", "#d95f02", "#7570b3", "#66a61e"])
-    ax.axhline(1.0, color="0.2", lw=1)
-    for i, v in enumerate(bars):
-        ax.annotate(f"{v:.2f}x", (i, v), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("BiLD / vanilla large")
-    ax.set_title(f"{base['pair']}: {_setting_text(pick)} ({pick['quality_delta']:+.2f})", fontsize=9)
-    return fig, table
+    for ax, (task, rows, main) in zip(axes, tasks):
+        base = _base(rows, main)
+        bild = _against(rows[rows["policy"] == "bild"].dropna(subset=["flops"]), base)
+        tables.append(pd.DataFrame({
+            "task": task,
+            "settings": bild.apply(_setting_text, axis=1),
+            "score - vanilla": bild["quality_delta"],
+            "FLOPs": bild["flops"] / base["flops"],
+            "memory bytes": bild["memory_bytes"] / base["memory_bytes"],
+            "arithmetic intensity": bild["arithmetic_intensity"] / base["arithmetic_intensity"],
+            "speedup": bild["speedup"],
+        }).sort_values("speedup", ascending=False))
+        if bild.empty:
+            continue
+        pick = _fastest(bild, base["headline_score"])
+        if pick is None:  # no run at vanilla quality: the best-scoring one
+            pick = bild.sort_values("headline_score", ascending=False).iloc[0]
+        bars = [pick["flops"] / base["flops"], pick["memory_bytes"] / base["memory_bytes"],
+                pick["arithmetic_intensity"] / base["arithmetic_intensity"], pick["speedup"]]
+        ax.bar(names, bars, color=["#1b9e77", "#d95f02", "#7570b3", "#66a61e"])
+        ax.axhline(1.0, color="0.2", lw=1)
+        for i, v in enumerate(bars):
+            ax.annotate(f"{v:.2f}x", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("BiLD / vanilla large")
+        ax.set_title(f"{task}, {base['pair']}: {_setting_text(pick)} ({pick['quality_delta']:+.2f})", fontsize=9)
+    return fig, pd.concat(tables, ignore_index=True)
 
 
 def fig9_tokens(generations: Path, config: Path, limit: int = 4) -> list[dict]:
@@ -317,10 +366,10 @@ def fig9_tokens(generations: Path, config: Path, limit: int = 4) -> list[dict]:
 
 def figure9(records: list[dict]) -> tuple[str, str]:
     """BiLD Figure 9: example outputs with the large model's tokens highlighted → (HTML, LaTeX)."""
-    from transformers import AutoTokenizer
+    from bildexp.models import load_tokenizer
 
     first = records[0]
-    tokenizer = AutoTokenizer.from_pretrained(first["tokenizer"])
+    tokenizer = load_tokenizer(first["tokenizer"])
     html_rows, tex_rows = [], []
     for r in records:
         pieces, prev = [], ""
@@ -349,21 +398,27 @@ def _tex(s: str) -> str:
 
 
 def figure10(df: pd.DataFrame) -> Figure:
-    """BiLD Figure 10: one latency-quality curve per rollback threshold, marker size = fallback threshold."""
-    base_rows = {pair: _base(df, pair) for pair in ("t5_multi30k", "t5_multi30k_aligned") if (df["pair"] == pair).any()}
-    fig = Figure(figsize=(5.5 * len(base_rows), 4.2), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(base_rows), squeeze=False).ravel())
-    for ax, (pair, base) in zip(axes, base_rows.items()):
-        rows = _against(df[(df["policy"] == "bild") & (df["pair"] == pair)], base)
+    """BiLD Figure 10: one latency-quality curve per rollback threshold, marker size = fallback threshold,
+    one panel per task and pair."""
+    panels = [(task, pair, _base(rows, main), pts) for task, rows, main in _tasks(df)
+              for pair, pts in rows[rows["policy"] == "bild"].groupby("pair", sort=True)]
+    ncols = min(len(panels), 2)
+    nrows = int(np.ceil(len(panels) / ncols))
+    fig = Figure(figsize=(5.5 * ncols, 4.2 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax, (task, pair, base, pts) in zip(axes, panels):
+        pts = _against(pts, base)
         _reference_lines(ax, base)
-        for i, (rb, pts) in enumerate(rows.groupby("rollback_threshold", sort=True)):
-            pts = pts.sort_values("fallback_threshold")
-            color = f"C{i}"
-            ax.plot(pts["normalized_latency"], pts["headline_score"], "-", color=color, lw=1, label=f"rollback {rb:g}")
-            ax.scatter(pts["normalized_latency"], pts["headline_score"], s=20 + 120 * pts["fallback_threshold"], color=color)
-        ax.set_xlabel(f"latency / vanilla large ({pair}); marker size = fallback threshold")
-        ax.set_title(pair, fontsize=10)
+        for i, (rb, curve) in enumerate(pts.groupby("rollback_threshold", sort=True)):
+            curve = curve.sort_values("fallback_threshold")
+            color = f"C{i % 10}"
+            ax.plot(curve["normalized_latency"], curve["headline_score"], "-", color=color, lw=1, label=f"rollback {rb:g}")
+            ax.scatter(curve["normalized_latency"], curve["headline_score"], s=20 + 120 * curve["fallback_threshold"], color=color)
+        ax.set_xlabel(f"latency / vanilla large ({base['pair']}); marker size: fallback threshold", fontsize=8)
+        ax.set_title(f"{task}: {pair}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     return fig
 
 
@@ -385,15 +440,19 @@ def ppd_table1_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def ppd_latency(df: pd.DataFrame) -> pd.DataFrame:
-    """PPD measured (policy=ppd) against Theorem 4.1 at each run's own match rate (claim C8)."""
-    base = _base(df)
-    rows = _against(df[df["policy"] == "ppd"], base)
-    return pd.DataFrame({
-        "early layer d̄": rows["ppd_layer"].astype(int), "k": rows["ppd_top_k"].astype(int),
-        "match rate": rows["ppd_match_rate"], "theorem latency": rows["theorem_latency_ratio"],
-        "measured latency": rows["normalized_latency"], "theorem compute": rows["theorem_compute_ratio"],
-        "score - vanilla": rows["quality_delta"],
-    }).sort_values(["early layer d̄", "k"])
+    """PPD measured (policy=ppd) against Theorem 4.1 at each run's own match rate (claim C8), per task."""
+    tables = []
+    for task, rows, main in _tasks(df):
+        ppd_rows = _against(rows[rows["policy"] == "ppd"], _base(rows, main))
+        tables.append(pd.DataFrame({
+            "task": task, "pair": ppd_rows["pair"],
+            "early layer d̄": ppd_rows["ppd_layer"].map(lambda x: "ceil(d/2)" if pd.isna(x) else str(int(x))),
+            "k": ppd_rows["ppd_top_k"].astype(int),
+            "match rate": ppd_rows["ppd_match_rate"], "theorem latency": ppd_rows["theorem_latency_ratio"],
+            "measured latency": ppd_rows["normalized_latency"], "theorem compute": ppd_rows["theorem_compute_ratio"],
+            "score - vanilla": ppd_rows["quality_delta"],
+        }).sort_values(["early layer d̄", "k"]))
+    return pd.concat(tables, ignore_index=True)
 
 
 # --- all of them ---------------------------------------------------------------------------------------
@@ -401,67 +460,103 @@ def ppd_latency(df: pd.DataFrame) -> pd.DataFrame:
 # artifact → (CSV stem under the results folder, builder(df, out_stem) → paths)
 
 
-def make_figures(results: str | Path, out: str | Path) -> list[Path]:
-    results, out = Path(results), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+def _fig2(df: pd.DataFrame, out: Path) -> list[Path]:
+    fig, table = figure2(df)
+    return write_figure(fig, out / "bild_fig2") + write_table(
+        table, out / "bild_fig2", "BiLD Figure 2: oracle replacement",
+        "Paper (WMT, CNN/DM): ~20% of tokens from the large model reach the large model's quality.")
 
-    def csv(stem: str) -> pd.DataFrame | None:
-        path = results / f"{stem}.csv"
-        if not path.is_file():
-            print(f"skip: {path} not found (bildexp reproduce ... writes it)", file=sys.stderr)
-            return None
-        return pd.read_csv(path)
 
-    if (df := csv("bild_fig2")) is not None:
-        fig, table = figure2(df)
-        paths += write_figure(fig, out / "bild_fig2")
-        paths += write_table(table, out / "bild_fig2", "BiLD Figure 2: oracle replacement (offline testbed)",
-                             "Paper (WMT, CNN/DM): ~20% of tokens from the large model reach the large model's quality.")
-    if (df := csv("t5_multi30k")) is not None:
-        paths += write_figure(plots.figure4(df, "t5_multi30k"), out / "bild_fig4")
-        paths += write_table(bild_table1(df), out / "bild_table1", "BiLD Table 1: paper (T4) beside ours (2-core CPU)",
-                             "Cells: score, speedup over vanilla large[, (rollback, fallback)]. matched_quality = the paper's "
-                             "minimal-degradation row / our fastest run with no loss; matched_latency = within ~1 point.")
-        paths += write_figure(figure10(df), out / "bild_fig10")
-    if (df := csv("bild_fig5")) is not None:
-        fig, table = figure5(df)
-        paths += write_figure(fig, out / "bild_fig5")
-        paths += write_table(table, out / "bild_fig5", "BiLD Figure 5: ablations (offline testbed)",
-                             "Paper (IWSLT, XSUM): both ablations give worse quality-latency trade-offs than full BiLD.")
-    if (df := csv("baselines_t5_multi30k")) is not None:
-        fig, table = figures6_7(df)
-        paths += write_figure(fig, out / "bild_fig6_7")
-        paths += write_table(table, out / "bild_fig6_7", "BiLD Figures 6-7: early exit against CALM")
-        paths += write_figure(plots.baselines_figure(df, "t5_multi30k"), out / "bild_baselines")
-        paths += write_table(bild_tables3_4(df), out / "bild_table3_4", "BiLD Tables 3-4: against speculative sampling",
-                             "Ours: greedy speculative decoding, fastest window; BiLD unaligned at matched latency / quality.")
-    if (df := csv("bild_table5")) is not None:
-        paths += write_table(bild_table5(df), out / "bild_table5", "BiLD Table 5: nucleus sampling, p = 0.8",
-                             "Paper cells: score (delta), speedup; aligned small models.")
-    if (df := csv("bild_fig8")) is not None:
-        fig, table = figure8(df)
-        paths += write_figure(fig, out / "bild_fig8")
-        paths += write_table(table, out / "bild_fig8", "BiLD Figure 8: cost of BiLD / vanilla large (bildexp/cost.py)",
-                             "Paper (CNN/DM, 1.85x): FLOPs slightly higher, memory operations ~5x lower, arithmetic intensity ~5x higher.")
+def _main(df: pd.DataFrame, out: Path) -> list[Path]:
+    return (write_figure(plots.figure4(df, _main_pair(df)), out / "bild_fig4")
+            + write_table(bild_table1(df), out / "bild_table1", "BiLD Table 1: the paper (T4) beside ours",
+                          "Cells: score, speedup over vanilla large[, (rollback, fallback)]. matched_quality = the paper's "
+                          "minimal-degradation row / our fastest run with no loss; matched_latency = within ~1 point.")
+            + write_figure(figure10(df), out / "bild_fig10"))
+
+
+def _fig5(df: pd.DataFrame, out: Path) -> list[Path]:
+    fig, table = figure5(df)
+    return write_figure(fig, out / "bild_fig5") + write_table(
+        table, out / "bild_fig5", "BiLD Figure 5: ablations",
+        "Paper (IWSLT, XSUM): both ablations give worse quality-latency trade-offs than full BiLD.")
+
+
+def _baselines(df: pd.DataFrame, out: Path) -> list[Path]:
+    fig, table = figures6_7(df)
+    main = df[~df["pair"].astype(str).str.contains("early_exit|calm")]
+    return (write_figure(fig, out / "bild_fig6_7")
+            + write_table(table, out / "bild_fig6_7", "BiLD Figures 6-7: early exit against CALM")
+            + write_figure(plots.baselines_figure(main, _main_pair(main)), out / "bild_baselines")
+            + write_table(bild_tables3_4(df), out / "bild_table3_4", "BiLD Tables 3-4: against speculative sampling",
+                          "Ours: greedy speculative decoding, fastest window; BiLD unaligned at matched latency / quality."))
+
+
+def _table5(df: pd.DataFrame, out: Path) -> list[Path]:
+    return write_table(bild_table5(df), out / "bild_table5", "BiLD Table 5: nucleus sampling, p = 0.8",
+                       "Cells: score (delta to vanilla large), speedup[, our setting]; aligned small models.")
+
+
+def _fig8(df: pd.DataFrame, out: Path) -> list[Path]:
+    fig, table = figure8(df)
+    return write_figure(fig, out / "bild_fig8") + write_table(
+        table, out / "bild_fig8", "BiLD Figure 8: cost of BiLD / vanilla large (bildexp/cost.py)",
+        "Paper (CNN/DM, 1.85x): FLOPs slightly higher, memory operations ~5x lower, arithmetic intensity ~5x higher.")
+
+
+def _ppd(df: pd.DataFrame, out: Path) -> list[Path]:
+    (out / "ppd_tables4_6.md").write_text(ppd.position_tables(df), encoding="utf-8")
+    return (write_table(ppd_table1_frame(df), out / "ppd_table1", "PPD Table 1: match rates (%), paper beside ours")
+            + [out / "ppd_tables4_6.md"]
+            + write_figure(ppd.trade_off_figure(ppd.half_depth_points(df)), out / "ppd_fig2_4"))
+
+
+def _ppd_latency(df: pd.DataFrame, out: Path) -> list[Path]:
+    return write_table(ppd_latency(df), out / "ppd_latency", "PPD: measured latency against Theorem 4.1",
+                       "Ratios to vanilla greedy decoding of the same model; theorem at each run's own match rate.")
+
+
+# Artifact → its CSV (the offline variant's experiment_name, then the paper variant's) and builder.
+ARTIFACTS = [
+    ("bild_fig2", ("bild_fig2",), _fig2),
+    ("bild_fig4_table1 + bild_fig10", ("t5_multi30k", "bild_main"), _main),
+    ("bild_fig5", ("bild_fig5",), _fig5),
+    ("bild_fig6_7 + bild_table3_4", ("baselines_t5_multi30k", "bild_baselines"), _baselines),
+    ("bild_table5", ("bild_table5",), _table5),
+    ("bild_fig8", ("bild_fig8",), _fig8),
+    ("ppd_table1", ("ppd",), _ppd),
+    ("ppd_fig2_4", ("ppd_latency",), _ppd_latency),
+]
+
+
+def _fig9(results: Path, out: Path) -> list[Path]:
     tokens = results / "bild_fig9_tokens.jsonl"
     runs = sorted((results / "runs" / "bild_fig9").glob("*/generations.jsonl"))
     if runs:  # a fresh bild_fig9 run: refresh the committed tokens file from it
         records = fig9_tokens(runs[-1], runs[-1].with_name("config.json"))
         tokens.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    if tokens.is_file():
-        page, tex = figure9([json.loads(line) for line in tokens.read_text().splitlines()])
-        for path, text in ((out / "bild_fig9.html", page), (out / "bild_fig9.tex", tex)):
-            path.write_text(text, encoding="utf-8")
-            paths.append(path)
-    else:
-        print(f"skip: {tokens} not found (bildexp reproduce experiment=bild_fig9/offline writes it)", file=sys.stderr)
-    if (df := csv("ppd")) is not None:
-        paths += write_table(ppd_table1_frame(df), out / "ppd_table1", "PPD Table 1: match rates (%), paper beside ours")
-        (out / "ppd_tables4_6.md").write_text(ppd.position_tables(df), encoding="utf-8")
-        paths.append(out / "ppd_tables4_6.md")
-        paths += write_figure(ppd.trade_off_figure(ppd.half_depth_points(df)), out / "ppd_fig2_4")
-    if (df := csv("ppd_latency")) is not None:
-        paths += write_table(ppd_latency(df), out / "ppd_latency", "PPD: measured latency against Theorem 4.1",
-                             "Ratios to vanilla greedy decoding of the same model; theorem at each run's own match rate.")
-    return paths
+    if not tokens.is_file():
+        print(f"skip bild_fig9: {tokens} not found (bildexp reproduce experiment=bild_fig9/... writes it)", file=sys.stderr)
+        return []
+    page, tex = figure9([json.loads(line) for line in tokens.read_text().splitlines()])
+    (out / "bild_fig9.html").write_text(page, encoding="utf-8")
+    (out / "bild_fig9.tex").write_text(tex, encoding="utf-8")
+    return [out / "bild_fig9.html", out / "bild_fig9.tex"]
+
+
+def make_figures(results: str | Path, out: str | Path) -> list[Path]:
+    """Every artifact whose CSV is in `results`; one line for each that cannot be made (no CSV, no baseline)."""
+    results, out = Path(results), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name, stems, build in ARTIFACTS:
+        found = next((results / f"{s}.csv" for s in stems if (results / f"{s}.csv").is_file()), None)
+        if found is None:
+            print(f"skip {name}: no {' or '.join(s + '.csv' for s in stems)} in {results} (bildexp reproduce writes it)",
+                  file=sys.stderr)
+            continue
+        try:
+            paths += build(pd.read_csv(found), out)
+        except plots.MissingBaselineError as err:
+            print(f"skip {name}: {err}", file=sys.stderr)
+    return paths + _fig9(results, out)

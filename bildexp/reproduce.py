@@ -34,7 +34,8 @@ def _key(override: str) -> str:
 
 def expand(sweep: list[str], ends_only: bool = False) -> list[list[str]]:
     """Hydra multirun overrides → the list of single-run override lists (their cartesian product).
-    ends_only: each swept axis keeps only its first and last values."""
+    ends_only: each swept value axis (policy.fallback_threshold=...) keeps only its first and last values;
+    swept groups (task=, pair=, policy=) keep every choice, since each one must compose."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     axes = []
@@ -42,7 +43,7 @@ def expand(sweep: list[str], ends_only: bool = False) -> list[list[str]]:
         key = o.get_key_element()
         if o.is_sweep_override():
             values = list(o.sweep_string_iterator())
-            if ends_only:
+            if ends_only and "." in key:
                 values = list(dict.fromkeys([values[0], values[-1]]))
         else:
             values = [o.get_value_element_as_str()]
@@ -114,6 +115,7 @@ def run_sweeps(experiment: str, extra: list[str], dry_run: bool = False) -> int:
                   file=sys.stderr)
             return code
     if not dry_run:
-        csv = Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv"
+        out = next((o.split("=", 1)[1] for o in reversed(extra) if o.startswith("runner.output_dir=")), cfg.runner.output_dir)
+        csv = Path(out) / f"{cfg.experiment_name}.csv"
         print(f"{experiment}: {len(commands)} commands in {time.perf_counter() - started:.0f} s; results: {csv}")
     return 0

@@ -48,3 +48,5 @@ def test_align_end_to_end(tmp_path):
     assert calib[0]["reference"] == pair.tokenizer.decode(first.tokens, skip_special_tokens=True).strip()
     assert report["top1_agreement_after"] > report["top1_agreement_before"]
     assert json.loads((out / "report.json").read_text())["aligned_small"] == str(out / "small" / "final")
+    # A finished alignment is not redone (bildexp reproduce runs its prepare steps again when it resumes).
+    assert align(cfg) == report

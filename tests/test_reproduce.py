@@ -31,18 +31,48 @@ def test_every_artifact_has_both_variants():
             assert f"bildexp reproduce experiment={name}/{variant}" in path.read_text(), f"{path} is not headed by its command"
 
 
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    """One tiny-mode output folder per variant, filled artifact by artifact as the tests ask."""
+    dirs = {v: tmp_path_factory.mktemp(f"tiny_{v}") for v in ("offline", "paper")}
+    rows: dict[str, list[dict]] = {}
+
+    def get(experiment: str) -> tuple[Path, list[dict]]:
+        folder = dirs[experiment.split("/")[1]]
+        if experiment not in rows:
+            rows[experiment] = run_tiny(experiment, folder)
+        return folder, rows[experiment]
+
+    return get
+
+
 @pytest.mark.parametrize("experiment", artifacts())
-def test_artifact_runs_in_tiny_mode(experiment, tmp_path):
+def test_artifact_runs_in_tiny_mode(experiment, tiny_results):
     """Every sweep of every artifact config composes, validates and runs on the tiny pairs (no config rots)."""
     cfg, sweeps = plan(experiment)
-    rows = run_tiny(experiment, tmp_path)
+    _, rows = tiny_results(experiment)
     assert rows and all(r["n_examples"] >= 1 for r in rows)
-    assert {Path(r["run_id"]).name for r in rows}  # each row has its run id
-    for sweep in sweeps:  # each sweep contributed a run
+    for sweep in sweeps:  # each sweep contributed a run of its policy
         point = with_tiny(expand(sweep, ends_only=True)[0], cfg.reproduce.tiny)
         policy = next((o.split("=", 1)[1] for o in point if o.startswith("policy=")), None)
         if policy:
             assert any(r["policy"] == policy for r in rows), f"no {policy} run from {sweep}"
+
+
+@pytest.mark.parametrize("variant", ["offline", "paper"])
+def test_figures_from_every_tiny_artifact(variant, tiny_results, tmp_path):
+    """`bildexp figures` on a variant's CSVs (here from tiny runs: degenerate scores, several tasks for the
+    paper variant) writes every artifact's files."""
+    folder = None
+    for experiment in artifacts():
+        if experiment.endswith(f"/{variant}"):
+            folder, _ = tiny_results(experiment)
+    names = {p.name for p in make_figures(folder, tmp_path)}
+    for stem in ("bild_fig2", "bild_fig4", "bild_fig5", "bild_fig8", "bild_fig10", "ppd_fig2_4"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
+    for stem in ("bild_table1", "bild_table3_4", "bild_table5", "ppd_table1", "ppd_latency"):
+        assert {f"{stem}.md", f"{stem}.tex"} <= names, stem
+    assert "bild_fig9.html" in names
 
 
 def test_expand_and_tiny_overrides():
@@ -50,6 +80,7 @@ def test_expand_and_tiny_overrides():
     assert len(expand(sweep)) == 12
     ends = expand(sweep, ends_only=True)
     assert len(ends) == 8 and ["policy=bild", "policy.fallback_threshold=0.9", "policy.rollback_threshold=2", "pair=b"] in ends
+    assert len(expand(["task=a,b,c", "policy.top_p=0.1,0.5,0.9"], ends_only=True)) == 6  # every group choice stays
     assert with_tiny(["pair=a", "policy=bild", "runner.limit=500"], ["pair=tiny_t5", "runner.limit=2"]) == [
         "policy=bild", "pair=tiny_t5", "runner.limit=2"]
 
