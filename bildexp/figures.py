@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -457,14 +458,18 @@ def ppd_latency(df: pd.DataFrame) -> pd.DataFrame:
 
 # --- all of them ---------------------------------------------------------------------------------------
 
-# artifact → (CSV stem under the results folder, builder(df, out_stem) → paths)
+def _figure_and_table(build, stem: str, title: str, note: str, df: pd.DataFrame, out: Path) -> list[Path]:
+    """An artifact whose builder returns (figure, table): <stem>.png/.pdf and <stem>.md/.tex."""
+    fig, table = build(df)
+    return write_figure(fig, out / stem) + write_table(table, out / stem, title, note)
 
 
-def _fig2(df: pd.DataFrame, out: Path) -> list[Path]:
-    fig, table = figure2(df)
-    return write_figure(fig, out / "bild_fig2") + write_table(
-        table, out / "bild_fig2", "BiLD Figure 2: oracle replacement",
-        "Paper (WMT, CNN/DM): ~20% of tokens from the large model reach the large model's quality.")
+_fig2 = partial(_figure_and_table, figure2, "bild_fig2", "BiLD Figure 2: oracle replacement",
+                "Paper (WMT, CNN/DM): ~20% of tokens from the large model reach the large model's quality.")
+_fig5 = partial(_figure_and_table, figure5, "bild_fig5", "BiLD Figure 5: ablations",
+                "Paper (IWSLT, XSUM): both ablations give worse quality-latency trade-offs than full BiLD.")
+_fig8 = partial(_figure_and_table, figure8, "bild_fig8", "BiLD Figure 8: cost of BiLD / vanilla large (bildexp/cost.py)",
+                "Paper (CNN/DM, 1.85x): FLOPs slightly higher, memory operations ~5x lower, arithmetic intensity ~5x higher.")
 
 
 def _main(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -473,13 +478,6 @@ def _main(df: pd.DataFrame, out: Path) -> list[Path]:
                           "Cells: score, speedup over vanilla large[, (rollback, fallback)]. matched_quality = the paper's "
                           "minimal-degradation row / our fastest run with no loss; matched_latency = within ~1 point.")
             + write_figure(figure10(df), out / "bild_fig10"))
-
-
-def _fig5(df: pd.DataFrame, out: Path) -> list[Path]:
-    fig, table = figure5(df)
-    return write_figure(fig, out / "bild_fig5") + write_table(
-        table, out / "bild_fig5", "BiLD Figure 5: ablations",
-        "Paper (IWSLT, XSUM): both ablations give worse quality-latency trade-offs than full BiLD.")
 
 
 def _baselines(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -495,13 +493,6 @@ def _baselines(df: pd.DataFrame, out: Path) -> list[Path]:
 def _table5(df: pd.DataFrame, out: Path) -> list[Path]:
     return write_table(bild_table5(df), out / "bild_table5", "BiLD Table 5: nucleus sampling, p = 0.8",
                        "Cells: score (delta to vanilla large), speedup[, our setting]; aligned small models.")
-
-
-def _fig8(df: pd.DataFrame, out: Path) -> list[Path]:
-    fig, table = figure8(df)
-    return write_figure(fig, out / "bild_fig8") + write_table(
-        table, out / "bild_fig8", "BiLD Figure 8: cost of BiLD / vanilla large (bildexp/cost.py)",
-        "Paper (CNN/DM, 1.85x): FLOPs slightly higher, memory operations ~5x lower, arithmetic intensity ~5x higher.")
 
 
 def _ppd(df: pd.DataFrame, out: Path) -> list[Path]:
