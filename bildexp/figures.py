@@ -60,10 +60,6 @@ def write_table(df: pd.DataFrame, stem: Path, title: str, note: str = "") -> lis
     return [md, tex]
 
 
-def write_figure(fig: Figure, stem: Path) -> list[Path]:
-    return plots.save_figure(fig, stem)
-
-
 # --- the artifacts -------------------------------------------------------------------------------------
 
 
@@ -72,14 +68,11 @@ def _score_speed(q: float, s: float) -> str:
 
 
 def _base(df: pd.DataFrame, pair: str | None = None, sampling: bool = False) -> pd.Series:
-    """The newest vanilla-large row (of `pair`; sampled or greedy)."""
-    rows = plots._normalise(df)
-    rows = rows[(rows["policy"] == "vanilla") & (rows["which"] == "large") & (rows["sampling"] == sampling)]
-    if pair is not None:
-        rows = rows[rows["pair"] == pair]
+    """The newest vanilla-large row (of `pair`; greedy, or sampled)."""
+    rows = plots._vanilla(df, "large", pair, sampling)
     if rows.empty:
         raise plots.MissingBaselineError(f"no vanilla-large run{' of ' + pair if pair else ''} in the CSV")
-    return rows.sort_values("_time").iloc[-1]
+    return rows.sort_values("time").iloc[-1]
 
 
 _VARIANTS = ("aligned", "early_exit", "calm")
@@ -105,11 +98,6 @@ def _against(rows: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
     out["normalized_latency"] = 1.0 / out["speedup"]
     out["quality_delta"] = out["headline_score"] - base["headline_score"]
     return out
-
-
-def _fastest(rows: pd.DataFrame, floor: float) -> pd.Series | None:
-    ok = rows[rows["headline_score"] >= floor]
-    return None if ok.empty else ok.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
 
 
 def bild_table1(df: pd.DataFrame) -> pd.DataFrame:
@@ -216,7 +204,7 @@ def _best_by_series(rows: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
     out = []
     for series, pts in rows.groupby("series", sort=True):
         for name, floor in (("no loss", base["headline_score"]), ("within 1 point", base["headline_score"] - plots.ONE_POINT)):
-            best = _fastest(pts, floor)
+            best = plots.fastest(pts, floor)
             out.append({"series": series, "criterion": name,
                         "score": np.nan if best is None else best["headline_score"],
                         "speedup": np.nan if best is None else best["speedup"],
@@ -257,7 +245,7 @@ def figures6_7(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
                 ax.plot(front["normalized_latency"], front["headline_score"], "-o", ms=4, lw=1, color=color,
                         label=f"{label} (vanilla {base['headline_score']:.2f})")
                 for name, floor in (("no loss", 0.0), ("within 1 point", -plots.ONE_POINT)):
-                    best = _fastest(pts, floor)
+                    best = plots.fastest(pts, floor)
                     table.append({"task": task, "method": label, "criterion": name,
                                   "score - own vanilla": np.nan if best is None else best["headline_score"],
                                   "speedup": np.nan if best is None else best["speedup"],
@@ -306,8 +294,8 @@ def bild_table5(df: pd.DataFrame) -> pd.DataFrame:
         bild = _against(plots._normalise(rows).query("policy == 'bild' and sampling"), base)
         picks = {"vanilla large": base.to_dict() | {"quality_delta": 0.0, "speedup": 1.0, "policy": "vanilla"},
                  "improved_quality": None if bild.empty else bild.sort_values(["headline_score", "speedup"], ascending=False).iloc[0],
-                 "matched_quality": _fastest(bild, base["headline_score"]),
-                 "matched_latency": _fastest(bild, base["headline_score"] - plots.ONE_POINT)}
+                 "matched_quality": plots.fastest(bild, base["headline_score"]),
+                 "matched_latency": plots.fastest(bild, base["headline_score"] - plots.ONE_POINT)}
         for setting, r in picks.items():
             out[setting][f"ours {task}"] = "—" if r is None else (
                 f"{r['headline_score']:.2f} ({r['quality_delta']:+.2f}), {r['speedup']:.2f}x"
@@ -341,7 +329,7 @@ def figure8(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
         }).sort_values("speedup", ascending=False))
         if bild.empty:
             continue
-        pick = _fastest(bild, base["headline_score"])
+        pick = plots.fastest(bild, base["headline_score"])
         if pick is None:  # no run at vanilla quality: the best-scoring one
             pick = bild.sort_values("headline_score", ascending=False).iloc[0]
         bars = [pick["flops"] / base["flops"], pick["memory_bytes"] / base["memory_bytes"],
@@ -461,7 +449,7 @@ def ppd_latency(df: pd.DataFrame) -> pd.DataFrame:
 def _figure_and_table(build, stem: str, title: str, note: str, df: pd.DataFrame, out: Path) -> list[Path]:
     """An artifact whose builder returns (figure, table): <stem>.png/.pdf and <stem>.md/.tex."""
     fig, table = build(df)
-    return write_figure(fig, out / stem) + write_table(table, out / stem, title, note)
+    return plots.save_figure(fig, out / stem) + write_table(table, out / stem, title, note)
 
 
 _fig2 = partial(_figure_and_table, figure2, "bild_fig2", "BiLD Figure 2: oracle replacement",
@@ -473,19 +461,19 @@ _fig8 = partial(_figure_and_table, figure8, "bild_fig8", "BiLD Figure 8: cost of
 
 
 def _main(df: pd.DataFrame, out: Path) -> list[Path]:
-    return (write_figure(plots.figure4(df, _main_pair(df)), out / "bild_fig4")
+    return (plots.save_figure(plots.figure4(df, _main_pair(df)), out / "bild_fig4")
             + write_table(bild_table1(df), out / "bild_table1", "BiLD Table 1: the paper (T4) beside ours",
                           "Cells: score, speedup over vanilla large[, (rollback, fallback)]. matched_quality = the paper's "
                           "minimal-degradation row / our fastest run with no loss; matched_latency = within ~1 point.")
-            + write_figure(figure10(df), out / "bild_fig10"))
+            + plots.save_figure(figure10(df), out / "bild_fig10"))
 
 
 def _baselines(df: pd.DataFrame, out: Path) -> list[Path]:
     fig, table = figures6_7(df)
     main = df[~df["pair"].astype(str).str.contains("early_exit|calm")]
-    return (write_figure(fig, out / "bild_fig6_7")
+    return (plots.save_figure(fig, out / "bild_fig6_7")
             + write_table(table, out / "bild_fig6_7", "BiLD Figures 6-7: early exit against CALM")
-            + write_figure(plots.baselines_figure(main, _main_pair(main)), out / "bild_baselines")
+            + plots.save_figure(plots.baselines_figure(main, _main_pair(main)), out / "bild_baselines")
             + write_table(bild_tables3_4(df), out / "bild_table3_4", "BiLD Tables 3-4: against speculative sampling",
                           "Ours: greedy speculative decoding, fastest window; BiLD unaligned at matched latency / quality."))
 
@@ -499,7 +487,7 @@ def _ppd(df: pd.DataFrame, out: Path) -> list[Path]:
     (out / "ppd_tables4_6.md").write_text(ppd.position_tables(df), encoding="utf-8")
     return (write_table(ppd_table1_frame(df), out / "ppd_table1", "PPD Table 1: match rates (%), paper beside ours")
             + [out / "ppd_tables4_6.md"]
-            + write_figure(ppd.trade_off_figure(ppd.half_depth_points(df)), out / "ppd_fig2_4"))
+            + plots.save_figure(ppd.trade_off_figure(ppd.half_depth_points(df)), out / "ppd_fig2_4"))
 
 
 def _ppd_latency(df: pd.DataFrame, out: Path) -> list[Path]:

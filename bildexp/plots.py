@@ -51,11 +51,11 @@ def _group_name(key: tuple) -> str:
     return "task={} device={} dtype={}".format(*key)
 
 
-def _vanilla(df: pd.DataFrame, which: str, pair: str | None = None) -> pd.DataFrame:
-    """The latest greedy vanilla row of each group for one model size (`which`), of `pair` when given
-    (else of any pair); may miss groups."""
+def _vanilla(df: pd.DataFrame, which: str, pair: str | None = None, sampling: bool = False) -> pd.DataFrame:
+    """The latest greedy (or, with sampling, sampled) vanilla row of each group for one model size (`which`),
+    of `pair` when given (else of any pair); may miss groups."""
     df = _normalise(df)
-    rows = df[(df["policy"] == "vanilla") & (df["which"] == which) & ~df["sampling"]]
+    rows = df[(df["policy"] == "vanilla") & (df["which"] == which) & (df["sampling"] == sampling)]
     if pair is not None:
         rows = rows[rows["pair"] == pair]
     # Re-running a baseline appends a row; the newest one reflects the current code.
@@ -133,6 +133,12 @@ def _methods(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
     return rows
 
 
+def fastest(rows: pd.DataFrame, floor: float) -> pd.Series | None:
+    """The fastest run scoring at least `floor` (on equal speed the better score wins), or None."""
+    ok = rows[rows["headline_score"] >= floor]
+    return None if ok.empty else ok.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
+
+
 def table1_frame(df: pd.DataFrame, baseline_pair: str | None = None) -> pd.DataFrame:
     """Table 1 as data: per group and series, the fastest "no loss" and "within 1 point" rows.
 
@@ -147,10 +153,8 @@ def table1_frame(df: pd.DataFrame, baseline_pair: str | None = None) -> pd.DataF
         for series, rows in methods[same].groupby("series", sort=True):
             for criterion, floor in (("no loss", b["headline_score"]),
                                      ("within 1 point", b["headline_score"] - ONE_POINT)):
-                ok = rows[rows["headline_score"] >= floor]
-                if len(ok):
-                    # Fastest first; on equal speed the better score wins.
-                    best = ok.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
+                best = fastest(rows, floor)
+                if best is not None:
                     picked.append(best.to_dict() | {"criterion": criterion})
     cols = list(methods.columns) + ["criterion"]
     return pd.DataFrame(picked, columns=cols).drop(columns="_time").reset_index(drop=True)
@@ -339,9 +343,8 @@ def table3_frame(df: pd.DataFrame, baseline_pair: str | None = None, bild_series
         if len(faster):
             best = faster.sort_values(["headline_score", "speedup"], ascending=False).iloc[0]
             picked.append(best.to_dict() | {"row": f"{bild_series} (match latency)"})
-        better = bild[bild["headline_score"] >= s["headline_score"]]
-        if len(better):
-            best = better.sort_values(["speedup", "headline_score"], ascending=False).iloc[0]
+        best = fastest(bild, s["headline_score"])
+        if best is not None:
             picked.append(best.to_dict() | {"row": f"{bild_series} (match quality)"})
     return pd.DataFrame(picked)
 

@@ -84,6 +84,21 @@ def prepare(cfg: Config, pairs: PairCache) -> tuple[int, object, object, list]:
     return threads, data, pair, [encode(ex, cfg.task, pair) for ex in data.examples]
 
 
+def benchmark_inputs(experiment: str, pair_name: str, limit: int) -> tuple[Config, object, list, str]:
+    """The benchmark scripts' setup: `experiment`'s task with pair `pair_name`, its first `limit` prompts, and
+    the line to print with every number (examples, device, dtype, threads, versions)."""
+    import torch
+    import transformers
+
+    from bildexp.cli import compose_config
+
+    cfg = compose_config(f"experiment={experiment}", f"pair={pair_name}", f"runner.limit={limit}")
+    threads, _, pair, encoded = prepare(cfg, PairCache())
+    header = (f"pair {pair_name}, task {cfg.task.name} ({len(encoded)} examples), device {pair.device}, dtype "
+              f"{cfg.pair.dtype}, threads {threads}, torch {torch.__version__}, transformers {transformers.__version__}")
+    return cfg, pair, [prompt for prompt, _ in encoded], header
+
+
 def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
     """Run (or resume, or skip) one configuration; return its CSV row."""
     rid = run_id(cfg)

@@ -20,15 +20,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch
-import transformers
-
-from bildexp.cli import compose_config
 from bildexp.config import PolicyConfig
 from bildexp.layerwise import decoder_layers
-from bildexp.models import PairCache
 from bildexp.policies import make_policy
-from bildexp.runner import prepare
+from bildexp.runner import benchmark_inputs
 from bildexp.timing import interleaved
 
 
@@ -42,13 +37,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}", f"runner.limit={args.limit}")
-    threads, _, pair, encoded = prepare(cfg, PairCache())
-    prompts = [prompt for prompt, _ in encoded]
+    cfg, pair, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit)
     max_new = cfg.task.max_new_tokens
-    print(f"pair {args.pair}, task {cfg.task.name} ({len(prompts)} examples), device {pair.device}, dtype {cfg.pair.dtype}, "
-          f"threads {threads} per thread (PPD's candidates use a second thread), cpus {os.cpu_count()}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"{header}; threads per Python thread (PPD's candidates use a second one), cpus {os.cpu_count()}")
 
     policies = {"vanilla": make_policy(PolicyConfig(name="vanilla")),
                 "layer-wise vanilla": make_policy(PolicyConfig(name="calm", exit_threshold=1.0, exit_decay=0.0))}

@@ -18,14 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch
-import transformers
-
-from bildexp.cli import compose_config
 from bildexp.config import PolicyConfig
-from bildexp.models import PairCache
 from bildexp.policies import make_policy
-from bildexp.runner import prepare
+from bildexp.runner import benchmark_inputs
 from bildexp.timing import interleaved
 
 
@@ -37,12 +32,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    cfg = compose_config(f"experiment={args.experiment}", f"pair={args.pair}", f"runner.limit={args.limit}")
-    threads, _, pair, encoded = prepare(cfg, PairCache())
-    prompts = [prompt for prompt, _ in encoded]
+    cfg, pair, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit)
     max_new = cfg.task.max_new_tokens
-    print(f"pair {args.pair}, task {cfg.task.name} ({len(prompts)} examples), device {pair.device}, dtype {cfg.pair.dtype}, "
-          f"threads {threads}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(header)
 
     policies = {"vanilla-large": make_policy(PolicyConfig(name="vanilla"))}
     for k in (int(x) for x in args.windows.split(",")):
