@@ -7,50 +7,87 @@ self-attention KV cache of the decoder, and offers two operations that every pol
     rollback(n)            forget every cached token at index >= n
 
 It serves encoder-decoder models (T5, MT5, BART-like: `EncoderDecoderCache`, whose cross-attention part
-is kept on rollback) and decoder-only models (Llama, GPT-2, Qwen-like: `DynamicCache`) alike. Token
-index 0 is the first decoder token: the decoder start token for encoder-decoder models, the first
-prompt token for decoder-only ones.
+is kept on rollback) and decoder-only models (Llama, GPT-2, Qwen-like) alike. Token index 0 is the first
+decoder token: the decoder start token for encoder-decoder models, the first prompt token for decoder-only
+ones.
+
+Two backends behind the same two operations (`pair.cache`):
+- dynamic: transformers' `DynamicCache`, grown by concatenation and cropped on rollback; eager PyTorch.
+- static (`StaticDecoder`, gpt-fast's recipe): one model's K/V buffers preallocated once for the longest
+  example of a run and reused by every example; a write position of our own (`PositionedLayer`) says where
+  the next tokens go, so a rollback only moves it (entries past it are masked by position and overwritten
+  later); the encoder output and the cross-attention K/V are computed once per example into fixed-size
+  buffers (sources padded to the run's longest, the padding masked). With `pair.compile` the decoder
+  forward is `torch.compile`d (fullgraph; CUDA graphs under mode="reduce-overhead" on GPU); every pass is
+  padded to a power-of-two bucket (1, 2, 4, 8, 16 tokens), so a whole sweep runs on a handful of graphs,
+  all compiled by `StaticDecoder.warmup` before anything is timed. Padding sits after the real tokens,
+  so causal masking keeps it out of every kept logit.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
+from transformers.cache_utils import Cache, StaticLayer
+from transformers.modeling_outputs import BaseModelOutput
+
+from bildexp.config import COMPILE_MODES
+
+# Model types whose transformers forward runs on a static cache (positions and masks read from the cache).
+STATIC_MODEL_TYPES = ("t5", "mt5", "llama", "qwen2")
+# Passes of more tokens than the largest bucket (a decoder-only prompt) run uncompiled at their exact length.
+MAX_BUCKET = 16
+_DECODER_ROUND, _SOURCE_ROUND = 64, 16  # capacities round up, so runs of one task share their graphs
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def bucket(k: int) -> int:
+    """The padded length of a k-token pass: the next power of two (k itself above MAX_BUCKET)."""
+    return k if k > MAX_BUCKET else 1 << (k - 1).bit_length()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 class ModelState:
     """Encoder output + KV cache of one model for one example."""
 
     def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None,
-                 meter: Counter | None = None, role: str = "large"):
+                 meter: Counter | None = None, role: str = "large", static: StaticDecoder | None = None):
         # encoder_input_ids: [1, S] for encoder-decoder models, None for decoder-only ones.
         # meter: counters to add the work of every forward pass to, as <role>_pass*, <role>_encoder_* (bildexp/cost.py;
         # apart from the policies' own counters such as BiLD's small_tokens).
+        # static: the model's StaticDecoder (pair.cache=static); None: a DynamicCache of this state's own.
         self.model = model
         self.meter = meter
         self.role = role
+        self.static = static
         self.source_len = 0 if encoder_input_ids is None else int(encoder_input_ids.shape[1])
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.length = 0  # tokens held in the self-attention cache
         self._slice_logits = not _accepts_logits_to_keep(model)
-        if self.is_encoder_decoder:
-            if encoder_input_ids is None:
-                raise ValueError("an encoder-decoder model needs encoder_input_ids")
+        if self.is_encoder_decoder and encoder_input_ids is None:
+            raise ValueError("an encoder-decoder model needs encoder_input_ids")
+        if static is not None:
+            self._session = static.start(encoder_input_ids)
+        elif self.is_encoder_decoder:
             self.encoder_outputs = model.get_encoder()(input_ids=encoder_input_ids)
+            self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        else:
+            self.cache = DynamicCache()
+        if self.is_encoder_decoder:
             self._count("encoder_runs", 1)
             self._count("encoder_tokens", self.source_len)
             self._count("encoder_attention", self.source_len**2)
-            self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        else:
-            self.encoder_outputs = None
-            self.cache = DynamicCache()
 
     @torch.inference_mode()
     def advance(self, tokens: torch.Tensor, keep: int = 1) -> torch.Tensor:
@@ -61,22 +98,19 @@ class ModelState:
         k = tokens.shape[1]
         if not 1 <= keep <= k:
             raise ValueError(f"keep={keep} must be in [1, {k}]")
-        if self.is_encoder_decoder:
-            out = self.model(
-                encoder_outputs=self.encoder_outputs,
-                decoder_input_ids=tokens,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+        if self.static is not None:
+            logits = self.static.forward(tokens, self.length, keep, self._session)  # [keep, V]
+        elif self.is_encoder_decoder:
+            out = self.model(encoder_outputs=self.encoder_outputs, decoder_input_ids=tokens, cache=self.cache, use_cache=True)
+            logits = out.logits[0, -keep:]
         else:
-            out = self.model(input_ids=tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
-        self.cache = out.past_key_values
+            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True, logits_to_keep=keep)
+            logits = out.logits[0]  # [k or keep, V]
+            if self._slice_logits:
+                logits = logits[-keep:]
         if self.meter is not None:
             self._count_forward(k)
         self.length += k
-        logits = out.logits[0]  # [k or keep, V]
-        if self._slice_logits:
-            logits = logits[-keep:]
         return logits
 
     def _count(self, key: str, value: int) -> None:
@@ -100,7 +134,246 @@ class ModelState:
         if drop < 0:
             raise ValueError(f"cannot roll back to {n}: only {self.length} tokens are cached")
         if drop > 0:
-            # crop(-k) removes the last k tokens; a positive argument means different things across
-            # transformers 5.x releases (ENVIRONMENT.md), so only the negative form is used.
-            self.cache.crop(-drop)
+            if self.static is None:
+                # crop(-k) removes the last k tokens; a positive argument means different things across
+                # transformers 5.x releases (ENVIRONMENT.md), so only the negative form is used.
+                self.cache.crop(-drop)
+            # On the static cache the next pass simply writes at n: entries past it are masked by position.
             self.length = n
+
+
+class PositionedLayer(StaticLayer):
+    """A preallocated K/V layer written at a position its `StaticDecoder` owns (a 0-d tensor shared by all
+    layers), not at transformers' own running `cumulative_length`: moving that position back is a rollback.
+
+    transformers reads the past length from `get_seq_length` (positions, relative-position bias, causal mask)
+    before each layer writes, so every layer of one pass sees the same position; the decoder moves it between
+    passes."""
+
+    def __init__(self, max_cache_len: int, position: torch.Tensor):
+        super().__init__(max_cache_len)
+        self.position = position
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # key_states, value_states: [1, H, k, d] → the whole buffers [1, H, max_cache_len, d]
+        index = torch.arange(key_states.shape[-2], device=key_states.device) + self.position
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> torch.Tensor:
+        return self.position
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a PositionedLayer is rolled back by its StaticDecoder's position, not cropped")
+
+
+class CrossLayer(StaticLayer):
+    """Cross-attention K/V of one decoder layer: written once per example (the first pass), read by every later one."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # key_states, value_states: [1, H, S_cap, d] (the padded source)
+        self.keys.copy_(key_states)
+        self.values.copy_(value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.max_cache_len
+
+
+def _attention_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """(decoder layers, K/V heads, head dim) of a model that StaticDecoder supports."""
+    c = model.config
+    if c.is_encoder_decoder:
+        return c.num_decoder_layers, c.num_heads, c.d_kv
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, heads, head_dim
+
+
+def _decoder_forward(model, tokens, cache, encoder_hidden, source_mask):
+    # tokens: [1, kb]; encoder_hidden: [1, S_cap, d] or None; source_mask: [1, S_cap] → logits [1, kb, V]
+    if encoder_hidden is None:
+        return model(input_ids=tokens, cache=cache, use_cache=True).logits
+    return model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask=source_mask,
+                 decoder_input_ids=tokens, cache=cache, use_cache=True).logits
+
+
+def _encoder_forward(model, source_ids, source_mask):
+    # source_ids, source_mask: [1, S_cap] → encoder output [1, S_cap, d]
+    return model.get_encoder()(input_ids=source_ids, attention_mask=source_mask).last_hidden_state
+
+
+@dataclass
+class CompileStats:
+    graphs: int = 0  # distinct (pass kind, shape) combinations seen: a compile each when compiled
+    compile_s: float = 0.0  # wall time of those first calls
+    late: int = 0  # of them, first seen after `warmup` (their example's latency includes a compile)
+    seen: set = field(default_factory=set)
+
+
+class StaticDecoder:
+    """One model's preallocated KV cache and (optionally compiled) forward, reused by every example of a run.
+
+    Serves one `ModelState` at a time: `start` begins an example (and invalidates the previous state)."""
+
+    def __init__(self, model: PreTrainedModel, compile_mode: str = "none"):
+        model_type = model.config.model_type
+        if model_type not in STATIC_MODEL_TYPES:
+            raise ValueError(f"pair.cache=static supports {', '.join(STATIC_MODEL_TYPES)} models, not {model_type!r}: "
+                             "use pair.cache=dynamic")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}: one of {', '.join(COMPILE_MODES)}")
+        self.model = model
+        self.compile_mode = compile_mode
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.device = model.device
+        self.dtype = model.dtype
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)
+        torch._dynamo.mark_static_address(self.position)
+        self.decoder_capacity = 0
+        self.source_capacity = 0
+        self.stats = CompileStats()
+        self.warm = False  # set by warmup: graphs first seen later count as late
+        self._session = 0
+        self._tokens: dict[int, torch.Tensor] = {}  # bucket → its input buffer [1, bucket]
+        self._cudagraphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        if compile_mode == "none":
+            self._decode, self._encode = _decoder_forward, _encoder_forward
+        else:
+            # One compiled function per model; its graphs are kept for as long as the pair is loaded (all the
+            # jobs of a multirun), and inductor's on-disk cache serves later processes.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
+            self._decode = torch.compile(_decoder_forward, fullgraph=True, dynamic=False, mode=compile_mode)
+            self._encode = torch.compile(_encoder_forward, fullgraph=True, dynamic=False, mode=compile_mode)
+        self.reserve(_DECODER_ROUND, _SOURCE_ROUND if self.is_encoder_decoder else 0)
+
+    # -- capacity ------------------------------------------------------------------------------------------
+    def reserve(self, decoder_len: int, source_len: int = 0) -> None:
+        """Make room for decoder_len cached tokens (the longest prefix + max_new_tokens + the largest bucket)
+        and sources of source_len tokens. Capacities only grow (rounded up); growing changes the graphs'
+        shapes, so the runner reserves for the whole run before warming up."""
+        decoder_len, source_len = _round_up(decoder_len, _DECODER_ROUND), _round_up(source_len, _SOURCE_ROUND)
+        if decoder_len > self.decoder_capacity:
+            self._allocate_decoder(decoder_len)
+        if self.is_encoder_decoder and source_len > self.source_capacity:
+            self._allocate_source(source_len)
+
+    def _buffers(self, layer: StaticLayer) -> None:
+        n_layers, heads, head_dim = _attention_shape(self.model)
+        sample = torch.zeros(1, heads, 1, head_dim, dtype=self.dtype, device=self.device)
+        layer.lazy_initialization(sample, sample)  # allocates [1, heads, max_cache_len, head_dim] (static address)
+
+    def _allocate_decoder(self, capacity: int) -> None:
+        n_layers = _attention_shape(self.model)[0]
+        old = getattr(self, "self_cache", None)
+        layers = [PositionedLayer(capacity, self.position) for _ in range(n_layers)]
+        for i, layer in enumerate(layers):
+            self._buffers(layer)
+            if old is not None:  # growing mid-example keeps what is cached
+                n = self.decoder_capacity
+                layer.keys[:, :, :n].copy_(old.layers[i].keys)
+                layer.values[:, :, :n].copy_(old.layers[i].values)
+        self.self_cache = Cache(layers=layers)
+        self.decoder_capacity = capacity
+        self._assemble()
+
+    def _allocate_source(self, capacity: int) -> None:
+        n_layers = _attention_shape(self.model)[0]
+        layers = [CrossLayer(capacity) for _ in range(n_layers)]
+        for layer in layers:
+            self._buffers(layer)
+        self.cross_cache = Cache(layers=layers)
+        d = self.model.config.d_model
+        self.source_ids = torch.zeros(1, capacity, dtype=torch.long, device=self.device)
+        self.source_mask = torch.zeros(1, capacity, dtype=torch.long, device=self.device)
+        self.encoder_hidden = torch.zeros(1, capacity, d, dtype=self.dtype, device=self.device)
+        for t in (self.source_ids, self.source_mask, self.encoder_hidden):
+            torch._dynamo.mark_static_address(t)
+        self.source_capacity = capacity
+        self._assemble()
+
+    def _assemble(self) -> None:
+        if not self.is_encoder_decoder:
+            self.cache = self.self_cache
+        elif hasattr(self, "self_cache") and hasattr(self, "cross_cache"):
+            self.cache = EncoderDecoderCache(self.self_cache, self.cross_cache)
+
+    # -- one example ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, encoder_input_ids: torch.Tensor | None) -> int:
+        """Begin an example: position 0, and for an encoder-decoder model its encoder output (padded to the
+        source capacity, padding masked) with cross-attention K/V due on the first pass. → a session id."""
+        self._session += 1
+        self.position.fill_(0)
+        if self.is_encoder_decoder:
+            s = encoder_input_ids.shape[1]
+            self.reserve(self.decoder_capacity, s)
+            self.source_ids.zero_()
+            self.source_ids[:, :s].copy_(encoder_input_ids)
+            self.source_mask.zero_()
+            self.source_mask[:, :s] = 1
+            hidden = self._call(("encoder", self.source_capacity), self._encode, self.model, self.source_ids, self.source_mask)
+            self.encoder_hidden.copy_(hidden)
+            for i in self.cache.is_updated:
+                self.cache.is_updated[i] = False
+        return self._session
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, length: int, keep: int, session: int) -> torch.Tensor:
+        """tokens [1, k] written at positions length.. (padded to a bucket) → logits [keep, V] of the last real ones."""
+        if session != self._session:
+            raise RuntimeError("this ModelState's StaticDecoder has started another example since")
+        k = tokens.shape[1]
+        kb = bucket(k)
+        if length + kb > self.decoder_capacity:
+            self.reserve(length + kb + _DECODER_ROUND)
+        # One fixed input tensor per bucket (one kind of tensor for the graph guards, one address for CUDA graphs);
+        # the padding after the real tokens repeats the last one: causal masking keeps it out of their logits.
+        padded = self._tokens.setdefault(kb, torch.zeros(1, kb, dtype=torch.long, device=self.device))
+        padded[:, :k].copy_(tokens)
+        padded[:, k:] = tokens[0, -1]
+        tokens = padded
+        self.position.fill_(length)
+        first = self.is_encoder_decoder and not self.cache.is_updated.get(0, True)
+        fn = _decoder_forward if kb > MAX_BUCKET else self._decode
+        key = ("prefill" if first else "step", kb, self.decoder_capacity, self.source_capacity)
+        hidden, mask = (self.encoder_hidden, self.source_mask) if self.is_encoder_decoder else (None, None)
+        logits = self._call(key, fn, self.model, tokens, self.cache, hidden, mask)
+        if first:
+            for i in self.cache.is_updated:
+                self.cache.is_updated[i] = True
+        return logits[0, k - keep : k]
+
+    def _call(self, key: tuple, fn, *args) -> torch.Tensor:
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        if key in self.stats.seen:
+            out = fn(*args)
+        else:  # the first call of a shape: a compile when compiled, timed and counted apart
+            t0 = time.perf_counter()
+            out = fn(*args)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stats.seen.add(key)
+            self.stats.graphs += 1
+            self.stats.compile_s += time.perf_counter() - t0
+            self.stats.late += int(self.warm)
+        # CUDA graphs reuse their output buffers on the next replay: keep a copy.
+        return out.clone() if self._cudagraphs else out
+
+    # -- before timing -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def warmup(self, max_pass_tokens: int) -> None:
+        """Run every pass shape a run can need (each bucket up to max_pass_tokens' bucket, the encoder and the
+        first pass), so that all compilation happens here and none while an example is timed."""
+        sizes = sorted({bucket(k) for k in range(1, min(max_pass_tokens, MAX_BUCKET) + 1)})
+        source = torch.zeros(1, 1, dtype=torch.long, device=self.device) if self.is_encoder_decoder else None
+        for kb in sizes:  # a first pass (cross-attention K/V computed) and a later one, of each size
+            tokens = torch.zeros(1, kb, dtype=torch.long, device=self.device)
+            session = self.start(source)
+            self.forward(tokens, 0, 1, session)
+            self.forward(tokens, kb, 1, session)
+        self.start(source)
+        self.warm = True

@@ -75,6 +75,13 @@ class PairConfig:
     # For pairs whose weights are built locally: the command that builds them (named when they are missing).
     build: Optional[str] = None
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+    # KV cache: dynamic (transformers' DynamicCache, eager) or static (preallocated per model for the run's
+    # longest example, rollback = moving a write position; bildexp/cache.py). T5/MT5 and Llama/Qwen2 models.
+    cache: str = "dynamic"
+    # torch.compile mode of the static path's forward passes: none (eager), default (inductor), or
+    # reduce-overhead (CUDA graphs on GPU), max-autotune, max-autotune-no-cudagraphs. Compilation happens
+    # before timing and is reported apart (compile_s). Needs pair.cache=static.
+    compile: str = "none"
 
 
 @dataclass
@@ -173,6 +180,11 @@ POLICY_FIELDS: dict[str, tuple[str, ...]] = {
     "ppd": ("ppd_layer", "ppd_top_k", "ppd_parallel"),
 }
 SAMPLING_FIELDS = ("top_p", "temperature", "seed")
+# The policies built on `cache.ModelState` alone, which run on static caches and compiled steps; the
+# layer-wise ones (calm, ppd, ppd_match, BiLD early exit) and transformers' hf_assisted stay eager.
+STATIC_POLICIES = ("vanilla", "bild", "oracle", "speculative")
+# pair.compile: none, or a torch.compile mode.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def policy_fields(p: PolicyConfig) -> dict[str, Any]:
@@ -270,6 +282,8 @@ _CHOICES = {
     "policy.confidence_measure": ("softmax_max", "softmax_diff", "state"),
     "pair.dtype": ("float32", "bfloat16", "float16"),
     "pair.device": ("cpu", "cuda", "auto"),
+    "pair.cache": ("dynamic", "static"),
+    "pair.compile": COMPILE_MODES,
     "task.data_source": ("auto", "local", "hub", "builtin"),
 }
 
@@ -305,6 +319,14 @@ def validate(cfg: Config) -> Config:
     ee = cfg.pair.early_exit.small_layers
     if ee is not None and ee < 1:
         raise BildexpError(f"pair.early_exit.small_layers={ee} must be >= 1 (or null for two separate models)")
+    if cfg.pair.compile != "none" and cfg.pair.cache != "static":
+        raise BildexpError(f"pair.compile={cfg.pair.compile} compiles the static-cache path: add pair.cache=static")
+    if cfg.pair.cache == "static":
+        if p.name not in STATIC_POLICIES:
+            raise BildexpError(f"policy={p.name} runs eager on dynamic caches only: use pair.cache=dynamic pair.compile=none "
+                               f"(static caches serve {', '.join(STATIC_POLICIES)})")
+        if ee is not None:
+            raise BildexpError(f"pair {cfg.pair.name} is an early-exit pair (layer-wise, eager): use pair.cache=dynamic pair.compile=none")
     if not 0.0 < p.top_p <= 1.0:
         raise BildexpError(f"policy.top_p={p.top_p} is out of range: use a value in (0, 1]")
     if p.temperature <= 0.0:

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from bildexp import PROJECT_ROOT, BildexpError
+from bildexp.cache import StaticDecoder
 from bildexp.config import PairConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +34,22 @@ class ModelPair:
     dtype: torch.dtype
     # BiLD's early-exit variant: the small model is the first N decoder layers of `large` (small is large).
     small_layers: int | None = None
+    # pair.cache=static: each model's preallocated cache and (compiled) forward, by role; None: dynamic caches.
+    static: dict[str, StaticDecoder] | None = None
+
+    def prepare_static(self, decoder_len: int, source_len: int, max_pass_tokens: int) -> dict[str, float]:
+        """Before timing, on the static path: room for the run's longest example, then every pass shape
+        compiled (`StaticDecoder.warmup`). → compile_s and graphs over both models, this call only."""
+        if not self.static:
+            return {}
+        before = {role: (d.stats.compile_s, d.stats.graphs) for role, d in self.static.items()}
+        for decoder in self.static.values():
+            decoder.reserve(decoder_len, source_len)
+            decoder.warmup(max_pass_tokens)
+        return {
+            "compile_s": round(sum(d.stats.compile_s - before[r][0] for r, d in self.static.items()), 2),
+            "compiled_graphs": sum(d.stats.graphs - before[r][1] for r, d in self.static.items()),
+        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -190,7 +207,13 @@ def load_pair(cfg: PairConfig) -> ModelPair:
         return pair
     small = load_model(cfg.small, dtype, device)
     check_vocabularies(cfg, large, small, tokenizer)
-    return assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
+    pair = assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
+    if cfg.cache == "static":
+        try:
+            pair.static = {"large": StaticDecoder(large, cfg.compile), "small": StaticDecoder(small, cfg.compile)}
+        except ValueError as err:
+            raise BildexpError(f"pair {cfg.name}: {err}") from None
+    return pair
 
 
 class PairCache:
@@ -200,7 +223,7 @@ class PairCache:
         self._pairs: dict[tuple, ModelPair] = {}
 
     def get(self, cfg: PairConfig) -> ModelPair:
-        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device, cfg.early_exit.small_layers)
+        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device, cfg.early_exit.small_layers, cfg.cache, cfg.compile)
         if key not in self._pairs:
             self._pairs.clear()  # one pair in memory at a time
             self._pairs[key] = load_pair(cfg)

@@ -35,6 +35,8 @@ from bildexp.config import Config, policy_fields
 
 # Config values that say where or how loudly to run, not what is measured.
 _NOT_IN_ID = {"output_dir", "force", "progress", "build"}
+# Added after results existed: left out of the run id's hash at these defaults, so that earlier runs keep their ids.
+_ID_DEFAULTS = {"cache": "dynamic", "compile": "none"}
 # Section-level `name` fields become these columns.
 _NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
 
@@ -93,10 +95,17 @@ def policy_label(cfg: Config) -> str:
     return label
 
 
+def backend_label(cfg: Config) -> str:
+    """'' on the eager dynamic-cache path; '.static' or '.static-<compile mode>' otherwise."""
+    if cfg.pair.cache == "dynamic":
+        return ""
+    return ".static" + ("" if cfg.pair.compile == "none" else f"-{cfg.pair.compile}")
+
+
 def run_id(cfg: Config) -> str:
-    cols = config_columns(cfg)
+    cols = {k: v for k, v in config_columns(cfg).items() if _ID_DEFAULTS.get(k, object()) != v}
     digest = hashlib.sha256(json.dumps({k: fmt(v) for k, v in cols.items()}, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.task.name}.{cfg.pair.name}.{policy_label(cfg)}.{cfg.pair.dtype}.{digest}"
+    return f"{cfg.task.name}.{cfg.pair.name}.{policy_label(cfg)}.{cfg.pair.dtype}{backend_label(cfg)}.{digest}"
 
 
 def git_sha() -> str:

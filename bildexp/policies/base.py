@@ -103,8 +103,15 @@ def model_states(pair: ModelPair, prompt: Prompt, meter: Counter | None = None) 
     if pair.small_layers is not None:
         shared = SharedLayers(pair.large, pair.small_layers, prompt.encoder_input_ids)
         return shared.large, shared.small
-    return (ModelState(pair.large, prompt.encoder_input_ids, meter, "large"),
-            ModelState(pair.small, prompt.encoder_input_ids, meter, "small"))
+    return (model_state(pair, "large", prompt, meter), model_state(pair, "small", prompt, meter))
+
+
+def model_state(pair: ModelPair, role: str, prompt: Prompt, meter: Counter | None = None) -> ModelState:
+    """A fresh `ModelState` of the pair's `role` model ("large" or "small") for one example, on the pair's
+    static decoder of that model when it has one (pair.cache=static)."""
+    model = pair.large if role == "large" else pair.small
+    static = pair.static[role] if pair.static else None
+    return ModelState(model, prompt.encoder_input_ids, meter, role, static)
 
 
 class Policy:
@@ -140,6 +147,11 @@ class Policy:
 
     def begin(self, pair: ModelPair, prompt: Prompt) -> None:
         raise NotImplementedError
+
+    def max_pass_tokens(self) -> int:
+        """The most tokens one forward pass past the prefix can feed a model (a verification window); the
+        static path compiles a graph for each bucket up to it before timing."""
+        return 1
 
     def step(self, seq: Sequence) -> None:
         raise NotImplementedError

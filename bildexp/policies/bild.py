@@ -37,6 +37,9 @@ class BiLD(Policy):
         self.large, self.small = model_states(pair, prompt, self.counters)
         self.pending = 0  # trailing small tokens the large model has not verified yet
 
+    def max_pass_tokens(self) -> int:
+        return self.cfg.max_small_steps + 1  # every pending small token + the one before them
+
     def done(self, seq: Sequence) -> bool:
         return seq.finished and self.pending == 0
 

@@ -33,6 +33,9 @@ class Speculative(Policy):
     def begin(self, pair, prompt: Prompt) -> None:
         self.large, self.small = model_states(pair, prompt, self.counters)
 
+    def max_pass_tokens(self) -> int:
+        return self.cfg.num_draft_tokens + 1  # the drafted window + the token before it
+
     def step(self, seq: Sequence) -> None:
         start = len(seq)
         p = self.draft(seq)  # [k, V] small distributions (sampling) or None (greedy)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from bildexp.cache import ModelState
-from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, model_states
+from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, model_state, model_states
 
 
 class Vanilla(Policy):
@@ -14,8 +13,7 @@ class Vanilla(Policy):
         if self.cfg.which == "small" and pair.small_layers is not None:
             self.state = model_states(pair, prompt)[1]  # an early-exit pair's first layers
         else:
-            model = pair.large if self.cfg.which == "large" else pair.small
-            self.state = ModelState(model, prompt.encoder_input_ids, self.counters, self.cfg.which)
+            self.state = model_state(pair, self.cfg.which, prompt, self.counters)
 
     def step(self, seq: Sequence) -> None:
         logits = self.state.advance(seq.span(self.state.length))  # [1, V]
