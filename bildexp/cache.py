@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import inspect
 import time
+import types
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
@@ -169,13 +170,11 @@ class PositionedLayer(StaticLayer):
 
 
 class CrossLayer(StaticLayer):
-    """Cross-attention K/V of one decoder layer: written once per example (the first pass), read by every later one."""
+    """Cross-attention K/V of one decoder layer, [1, H, S_cap, d_kv]: written by `StaticDecoder.start` once per
+    example (positions past the source are masked), read by every pass, which never updates them."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # key_states, value_states: [1, H, S_cap, d] (the padded source)
-        self.keys.copy_(key_states)
-        self.values.copy_(value_states)
-        return self.keys, self.values
+        raise RuntimeError("cross-attention K/V are written by StaticDecoder.start")
 
     def get_seq_length(self) -> int:
         return self.max_cache_len
@@ -191,6 +190,13 @@ def _attention_shape(model: PreTrainedModel) -> tuple[int, int, int]:
     return c.num_hidden_layers, heads, head_dim
 
 
+def _own_code(fn, tag):
+    """A copy of fn with a code object of its own: dynamo keeps compiled graphs per code object, so a copy per
+    model and pass shape holds exactly one graph, found without searching other models' graphs."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(tag))}")
+    return types.FunctionType(code, fn.__globals__, code.co_name)
+
+
 def _decoder_forward(model, tokens, cache, encoder_hidden, source_mask):
     # tokens: [1, kb]; encoder_hidden: [1, S_cap, d] or None; source_mask: [1, S_cap] → logits [1, kb, V]
     if encoder_hidden is None:
@@ -199,17 +205,23 @@ def _decoder_forward(model, tokens, cache, encoder_hidden, source_mask):
                  decoder_input_ids=tokens, cache=cache, use_cache=True).logits
 
 
-def _encoder_forward(model, source_ids, source_mask):
-    # source_ids, source_mask: [1, S_cap] → encoder output [1, S_cap, d]
-    return model.get_encoder()(input_ids=source_ids, attention_mask=source_mask).last_hidden_state
+def _encode(model, source_ids):
+    # source_ids: [1, S] → encoder output [1, S, d] and each decoder layer's cross-attention (K, V), [1, H, S, d_kv]
+    # each: what T5's cross-attention would compute on its first pass (T5/MT5 module names), done once per example.
+    hidden = model.get_encoder()(input_ids=source_ids).last_hidden_state
+    kv = []
+    for block in model.decoder.block:
+        attn = block.layer[1].EncDecAttention
+        shape = (1, -1, attn.n_heads, attn.key_value_proj_dim)
+        kv.append((attn.k(hidden).view(shape).transpose(1, 2), attn.v(hidden).view(shape).transpose(1, 2)))
+    return hidden, kv
 
 
 @dataclass
 class CompileStats:
-    graphs: int = 0  # distinct (pass kind, shape) combinations seen: a compile each when compiled
-    compile_s: float = 0.0  # wall time of those first calls
-    late: int = 0  # of them, first seen after `warmup` (their example's latency includes a compile)
-    seen: set = field(default_factory=set)
+    graphs: int = 0  # graphs compiled: one per pass shape, and the encoder's
+    compile_s: float = 0.0  # wall time of their first calls
+    late: int = 0  # of them, compiled after `warmup` (their example's latency includes a compile)
 
 
 class StaticDecoder:
@@ -238,15 +250,13 @@ class StaticDecoder:
         self._session = 0
         self._tokens: dict[int, torch.Tensor] = {}  # bucket → its input buffer [1, bucket]
         self._cudagraphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        self._graphs: dict[tuple, object] = {}  # pass shape → its compiled function (compile_mode != none)
         if compile_mode == "none":
-            self._decode, self._encode = _decoder_forward, _encoder_forward
+            self._encode = _encode
         else:
-            # One compiled function per model; its graphs are kept for as long as the pair is loaded (all the
-            # jobs of a multirun), and inductor's on-disk cache serves later processes.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
-            self._decode = torch.compile(_decoder_forward, fullgraph=True, dynamic=False, mode=compile_mode)
-            self._encode = torch.compile(_encoder_forward, fullgraph=True, dynamic=False, mode=compile_mode)
+            # The encoder runs once per example at the source's own length (padding it would cost compute): one
+            # graph with a symbolic length.
+            self._encode = torch.compile(_own_code(_encode, id(self)), fullgraph=True, dynamic=True, mode=compile_mode)
         self.reserve(_DECODER_ROUND, _SOURCE_ROUND if self.is_encoder_decoder else 0)
 
     # -- capacity ------------------------------------------------------------------------------------------
@@ -286,10 +296,9 @@ class StaticDecoder:
             self._buffers(layer)
         self.cross_cache = Cache(layers=layers)
         d = self.model.config.d_model
-        self.source_ids = torch.zeros(1, capacity, dtype=torch.long, device=self.device)
         self.source_mask = torch.zeros(1, capacity, dtype=torch.long, device=self.device)
         self.encoder_hidden = torch.zeros(1, capacity, d, dtype=self.dtype, device=self.device)
-        for t in (self.source_ids, self.source_mask, self.encoder_hidden):
+        for t in (self.source_mask, self.encoder_hidden):
             torch._dynamo.mark_static_address(t)
         self.source_capacity = capacity
         self._assemble()
@@ -299,25 +308,27 @@ class StaticDecoder:
             self.cache = self.self_cache
         elif hasattr(self, "self_cache") and hasattr(self, "cross_cache"):
             self.cache = EncoderDecoderCache(self.self_cache, self.cross_cache)
+            self.cache.is_updated = {i: True for i in range(len(self.cross_cache.layers))}  # start() writes them
 
     # -- one example ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def start(self, encoder_input_ids: torch.Tensor | None) -> int:
-        """Begin an example: position 0, and for an encoder-decoder model its encoder output (padded to the
-        source capacity, padding masked) with cross-attention K/V due on the first pass. → a session id."""
+        """Begin an example: position 0, and for an encoder-decoder model the encoder run at the source's length and
+        every decoder layer's cross-attention K/V written into the buffers (positions past the source masked).
+        → a session id."""
         self._session += 1
         self.position.fill_(0)
         if self.is_encoder_decoder:
             s = encoder_input_ids.shape[1]
             self.reserve(self.decoder_capacity, s)
-            self.source_ids.zero_()
-            self.source_ids[:, :s].copy_(encoder_input_ids)
+            ids = encoder_input_ids.clone()  # an inference tensor, as in warmup: one kind of input for the graph guards
+            hidden, kv = self._encode(self.model, ids) if self.compile_mode == "none" else self._call(("encoder",), self.model, ids)
             self.source_mask.zero_()
             self.source_mask[:, :s] = 1
-            hidden = self._call(("encoder", self.source_capacity), self._encode, self.model, self.source_ids, self.source_mask)
-            self.encoder_hidden.copy_(hidden)
-            for i in self.cache.is_updated:
-                self.cache.is_updated[i] = False
+            self.encoder_hidden[:, :s].copy_(hidden)
+            for layer, (k, v) in zip(self.cross_cache.layers, kv):
+                layer.keys[:, :, :s].copy_(k)
+                layer.values[:, :, :s].copy_(v)
         return self._session
 
     @torch.inference_mode()
@@ -329,39 +340,52 @@ class StaticDecoder:
         kb = bucket(k)
         if length + kb > self.decoder_capacity:
             self.reserve(length + kb + _DECODER_ROUND)
-        # One fixed input tensor per bucket (one kind of tensor for the graph guards, one address for CUDA graphs);
-        # the padding after the real tokens repeats the last one: causal masking keeps it out of their logits.
-        padded = self._tokens.setdefault(kb, torch.zeros(1, kb, dtype=torch.long, device=self.device))
+        # One fixed input tensor per bucket (one kind of tensor for the graph guards, one address for CUDA graphs).
+        # Its positions past k keep whatever ids they held: they come after the real tokens, so causal masking
+        # keeps them out of every kept logit, and the next passes overwrite their K/V.
+        padded = self._tokens.get(kb)
+        if padded is None:
+            padded = self._tokens[kb] = torch.zeros(1, kb, dtype=torch.long, device=self.device)
         padded[:, :k].copy_(tokens)
-        padded[:, k:] = tokens[0, -1]
         tokens = padded
         self.position.fill_(length)
-        first = self.is_encoder_decoder and not self.cache.is_updated.get(0, True)
-        fn = _decoder_forward if kb > MAX_BUCKET else self._decode
-        key = ("prefill" if first else "step", kb, self.decoder_capacity, self.source_capacity)
         hidden, mask = (self.encoder_hidden, self.source_mask) if self.is_encoder_decoder else (None, None)
-        logits = self._call(key, fn, self.model, tokens, self.cache, hidden, mask)
-        if first:
-            for i in self.cache.is_updated:
-                self.cache.is_updated[i] = True
+        if kb > MAX_BUCKET:  # a long prompt: once per example, uncompiled
+            logits = _decoder_forward(self.model, tokens, self.cache, hidden, mask)
+        elif self.compile_mode == "none":
+            logits = _decoder_forward(self.model, tokens, self.cache, hidden, mask)
+        else:
+            logits = self._call(("step", kb, self.decoder_capacity, self.source_capacity), self.model, tokens, self.cache, hidden, mask)
+            if self._cudagraphs:  # CUDA graphs reuse their output buffer on the next replay: keep a copy
+                logits = logits.clone()
         return logits[0, k - keep : k]
 
-    def _call(self, key: tuple, fn, *args) -> torch.Tensor:
+    def _call(self, key: tuple, *args):
+        """The compiled forward of one pass shape (key), compiled on its first call; ("encoder",) is the encoder."""
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if key in self.stats.seen:
-            out = fn(*args)
-        else:  # the first call of a shape: a compile when compiled, timed and counted apart
-            t0 = time.perf_counter()
-            out = fn(*args)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.stats.seen.add(key)
-            self.stats.graphs += 1
-            self.stats.compile_s += time.perf_counter() - t0
-            self.stats.late += int(self.warm)
-        # CUDA graphs reuse their output buffers on the next replay: keep a copy.
-        return out.clone() if self._cudagraphs else out
+        fn = self._graphs.get(key)
+        if fn is not None:
+            if key[0] == "encoder":
+                return fn(*args)
+            # Each shape has a function (a code object) of its own with exactly one compiled graph, whose inputs
+            # are this decoder's fixed buffers: the key above already says which graph applies, so dynamo's
+            # per-call guard checks (~0.4 ms on this CPU, as long as a small model's step) are skipped.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return fn(*args)
+        if key[0] == "encoder":
+            fn = self._encode
+        else:
+            fn = torch.compile(_own_code(_decoder_forward, (id(self), *key)), fullgraph=True, dynamic=False, mode=self.compile_mode)
+        self._graphs[key] = fn
+        t0 = time.perf_counter()  # the first call compiles: timed and counted apart
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.graphs += 1
+        self.stats.compile_s += time.perf_counter() - t0
+        self.stats.late += int(self.warm)
+        return out
 
     # -- before timing -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -369,11 +393,9 @@ class StaticDecoder:
         """Run every pass shape a run can need (each bucket up to max_pass_tokens' bucket, the encoder and the
         first pass), so that all compilation happens here and none while an example is timed."""
         sizes = sorted({bucket(k) for k in range(1, min(max_pass_tokens, MAX_BUCKET) + 1)})
-        source = torch.zeros(1, 1, dtype=torch.long, device=self.device) if self.is_encoder_decoder else None
-        for kb in sizes:  # a first pass (cross-attention K/V computed) and a later one, of each size
-            tokens = torch.zeros(1, kb, dtype=torch.long, device=self.device)
+        source = torch.zeros(1, 2, dtype=torch.long, device=self.device) if self.is_encoder_decoder else None
+        for kb in sizes:
             session = self.start(source)
-            self.forward(tokens, 0, 1, session)
-            self.forward(tokens, kb, 1, session)
+            self.forward(torch.zeros(1, kb, dtype=torch.long, device=self.device), 0, 1, session)
         self.start(source)
         self.warm = True

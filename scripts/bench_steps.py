@@ -1,12 +1,15 @@
-"""Per-step decoder latency of a pair's large and small models: k new tokens per pass, fp32 and bf16.
+"""Per-step decoder latency of a pair's large and small models: k new tokens per pass, fp32 and bf16, per backend.
 
 BiLD pays off when a small step is much cheaper than a large one AND a k-token large pass costs little
-more than one step. This prints both, medians over repetitions after a warm-up, for k = 1, 4, 8, with
-threads, dtype and device on every line. A draft can also be made by slicing the large model's first
-N decoder layers (`--draft-layers N`, shared head) to see what such a draft could save.
+more than one step. This prints both, medians over repetitions after a warm-up, for k = 1, 4, 8, 11, on
+each backend (`pair.cache` / `pair.compile`): eager on transformers' DynamicCache, eager on bildexp's static
+cache, and compiled on the static cache (inductor on CPU; its padded buckets make k = 11 a 16-token pass).
+Threads, dtype and device are on every line; compile time is printed apart. A draft can also be made by
+slicing the large model's first N decoder layers (`--draft-layers N`, shared head).
 
-    python scripts/bench_steps.py --pair tiny_t5
-    python scripts/bench_steps.py --large builtin:smollm2/large --draft-layers 1 --context 256
+    python scripts/bench_steps.py --pair t5_multi30k --context 12 --source 24
+    python scripts/bench_steps.py --pair tiny_t5 --backends dynamic,static-default --dtypes float32
+    python scripts/bench_steps.py --large builtin:smollm2/large --draft-layers 1 --context 256 --backends dynamic
 """
 
 from __future__ import annotations
@@ -21,23 +24,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bildexp.cache import ModelState
+from bildexp.cache import ModelState, StaticDecoder
 from bildexp.models import DTYPES, first_layers, load_model
+from bildexp.timing import synchronize
+
+BACKENDS = ("dynamic", "static", "static-default", "static-reduce-overhead")
 
 
-def step_ms(model, context: int, k: int, reps: int) -> float:
-    """Median ms of one k-token pass after `context` cached decoder tokens."""
-    enc = torch.randint(5, 200, (1, 64)) if model.config.is_encoder_decoder else None
+def step_ms(model, backend: str, context: int, source: int, k: int, reps: int, static: StaticDecoder | None) -> float:
+    """Median ms of one k-token pass after `context` cached decoder tokens (encoder output of `source` tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    dev = model.device
+    enc = torch.randint(5, 200, (1, source), generator=gen).to(dev) if model.config.is_encoder_decoder else None
     vocab = model.get_output_embeddings().weight.shape[0]
     times = []
     for _ in range(reps + 1):  # the first is a warm-up
-        state = ModelState(model, enc)
-        state.advance(torch.randint(5, vocab, (1, context)))
-        new = torch.randint(5, vocab, (1, k))
+        state = ModelState(model, enc, static=static)
+        for _ in range(context):  # cached one token at a time, as decoding fills it (and within compiled buckets)
+            state.advance(torch.randint(5, vocab, (1, 1), generator=gen).to(dev))
+        new = torch.randint(5, vocab, (1, k), generator=gen).to(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         state.advance(new, keep=k)
+        synchronize(dev)
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times[1:])
+
+
+def decoder_for(model, backend: str) -> StaticDecoder | None:
+    if backend == "dynamic":
+        return None
+    return StaticDecoder(model, "none" if backend == "static" else backend.removeprefix("static-"))
 
 
 def main() -> None:
@@ -47,11 +64,16 @@ def main() -> None:
     ap.add_argument("--small", help="small model id/folder/builtin (instead of --pair)")
     ap.add_argument("--draft-layers", type=int, help="measure a draft made of the large model's first N decoder layers")
     ap.add_argument("--context", type=int, default=32, help="decoder tokens already cached (default 32)")
+    ap.add_argument("--source", type=int, default=64, help="encoder tokens of an encoder-decoder model (default 64)")
+    ap.add_argument("--ks", default="1,4,8,11", help="tokens per pass (default 1,4,8,11)")
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--backends", default="dynamic,static,static-default", help=f"comma-separated: {', '.join(BACKENDS)}")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     large_name, small_name = args.large, args.small
     if args.pair:
         from omegaconf import OmegaConf
@@ -60,17 +82,37 @@ def main() -> None:
 
         pc = OmegaConf.load(CONF_DIR / "pair" / f"{args.pair}.yaml")
         large_name, small_name = pc.large, pc.small
-    print(f"threads={torch.get_num_threads()} device=cpu context={args.context} reps={args.reps} torch={torch.__version__}")
+    ks = [int(k) for k in args.ks.split(",")]
+    print(f"threads={torch.get_num_threads()} device={device} context={args.context} source={args.source} reps={args.reps} "
+          f"torch={torch.__version__}")
     print(f"large={large_name} small={'first %d layers of large' % args.draft_layers if args.draft_layers else small_name}")
-    print(f"{'dtype':<9} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} {'large k/1':>9}")
+    print(f"{'dtype':<9} {'backend':<22} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} {'large k/1':>9}")
+    compile_lines = []
     for dtype in args.dtypes.split(","):
-        large = load_model(large_name, DTYPES[dtype], torch.device("cpu"))
-        small = first_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], torch.device("cpu"))
-        one = None
-        for k in (1, 4, 8):
-            lm, sm = step_ms(large, args.context, k, args.reps), step_ms(small, args.context, k, args.reps)
-            one = one or lm
-            print(f"{dtype:<9} {k:>2} {lm:>9.2f} {sm:>9.2f} {lm / sm:>11.2f} {lm / one:>9.2f}")
+        large = load_model(large_name, DTYPES[dtype], device)
+        small = first_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], device)
+        for backend in args.backends.split(","):
+            if backend not in BACKENDS:
+                raise SystemExit(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
+            decoders = {"large": decoder_for(large, backend), "small": decoder_for(small, backend)}
+            if decoders["large"] is not None:
+                for d in decoders.values():  # every shape compiled here, before any timed pass
+                    d.reserve(args.context + max(ks) + 16, args.source)
+                    d.warmup(max(ks))
+                if backend != "static":
+                    compile_lines.append(f"{dtype} {backend}: compiled {sum(d.stats.graphs for d in decoders.values())} graphs "
+                                         f"in {sum(d.stats.compile_s for d in decoders.values()):.1f} s")
+            one = None
+            for k in ks:
+                lm = step_ms(large, backend, args.context, args.source, k, args.reps, decoders["large"])
+                sm = step_ms(small, backend, args.context, args.source, k, args.reps, decoders["small"])
+                one = one or lm
+                print(f"{dtype:<9} {backend:<22} {k:>2} {lm:>9.2f} {sm:>9.2f} {lm / sm:>11.2f} {lm / one:>9.2f}", flush=True)
+            late = sum(d.stats.late for d in decoders.values() if d is not None)
+            if late:
+                print(f"  warning: {late} graphs compiled inside timed passes", flush=True)
+    for line in compile_lines:
+        print(line)
 
 
 if __name__ == "__main__":
