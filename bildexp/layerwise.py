@@ -204,12 +204,12 @@ class LayerwiseDecoder:
             bias = self._positions(start, k, h)  # [1, H, k, start+k]
             for layer in self.layers[lo:hi]:
                 h = layer(h, attention_mask=mask, position_bias=bias, encoder_hidden_states=encoder_hidden,
-                          past_key_values=cache)[0]
+                          cache=cache)[0]
         else:
             positions = torch.arange(start, start + k, device=h.device).unsqueeze(0)  # [1, k]
             rope = self._positions(start, k, h)
             for layer in self.layers[lo:hi]:
-                h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                h = layer(h, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                           position_embeddings=rope)
         return h
 

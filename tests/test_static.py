@@ -177,3 +177,17 @@ def test_compiled_run_reports_compilation_apart(tmp_path):
     row = run(cfg, PairCache())
     assert row["cache"] == "static" and row["compile"] == "default"
     assert row["compiled_graphs"] > 0 and row["compile_s"] > 0 and row["late_compiles"] == 0
+
+
+def test_decoding_raises_no_library_deprecation_warning(tiny_pair, toy_examples):
+    """Caches are passed as `cache=` (transformers 5.x deprecates `past_key_values`, removed in 5.40), so a run's
+    terminal shows bildexp's progress bar and summary, not a FutureWarning per forward pass."""
+    import warnings
+
+    ps = prompts(tiny_pair, toy_examples, make_config().task)[:2]
+    static = dataclasses.replace(tiny_pair, static={r: StaticDecoder(m) for r, m in (("large", tiny_pair.large), ("small", tiny_pair.small))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for pair in (tiny_pair, static):
+            for kw in (dict(name="vanilla"), dict(name="bild", fallback_threshold=0.5, rollback_threshold=1.0)):
+                run_all(pair, ps, **kw)
