@@ -16,8 +16,9 @@ Two backends behind the same two operations (`pair.cache`):
 - static (`StaticDecoder`, gpt-fast's recipe): one model's K/V buffers preallocated once for the longest
   example of a run and reused by every example; a write position of our own (`PositionedLayer`) says where
   the next tokens go, so a rollback only moves it (entries past it are masked by position and overwritten
-  later); the encoder output and the cross-attention K/V are computed once per example into fixed-size
-  buffers (sources padded to the run's longest, the padding masked). With `pair.compile` the decoder
+  later); the encoder runs once per example at the source's own length and every decoder layer's
+  cross-attention K/V are written then into fixed-size buffers (positions past the source masked). With
+  `pair.compile` the decoder
   forward is `torch.compile`d (fullgraph; CUDA graphs under mode="reduce-overhead" on GPU); every pass is
   padded to a power-of-two bucket (1, 2, 4, 8, 16 tokens), so a whole sweep runs on a handful of graphs,
   all compiled by `StaticDecoder.warmup` before anything is timed. Padding sits after the real tokens,
@@ -206,15 +207,15 @@ def _decoder_forward(model, tokens, cache, encoder_hidden, source_mask):
 
 
 def _encode(model, source_ids):
-    # source_ids: [1, S] → encoder output [1, S, d] and each decoder layer's cross-attention (K, V), [1, H, S, d_kv]
-    # each: what T5's cross-attention would compute on its first pass (T5/MT5 module names), done once per example.
+    # source_ids: [1, S] → each decoder layer's cross-attention (K, V), [1, H, S, d_kv] each: what T5's
+    # cross-attention would compute on its first pass (T5/MT5 module names), done once per example.
     hidden = model.get_encoder()(input_ids=source_ids).last_hidden_state
     kv = []
     for block in model.decoder.block:
         attn = block.layer[1].EncDecAttention
         shape = (1, -1, attn.n_heads, attn.key_value_proj_dim)
         kv.append((attn.k(hidden).view(shape).transpose(1, 2), attn.v(hidden).view(shape).transpose(1, 2)))
-    return hidden, kv
+    return kv
 
 
 @dataclass
@@ -250,13 +251,7 @@ class StaticDecoder:
         self._session = 0
         self._tokens: dict[int, torch.Tensor] = {}  # bucket → its input buffer [1, bucket]
         self._cudagraphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
-        self._graphs: dict[tuple, object] = {}  # pass shape → its compiled function (compile_mode != none)
-        if compile_mode == "none":
-            self._encode = _encode
-        else:
-            # The encoder runs once per example at the source's own length (padding it would cost compute): one
-            # graph with a symbolic length.
-            self._encode = torch.compile(_own_code(_encode, id(self)), fullgraph=True, dynamic=True, mode=compile_mode)
+        self._graphs: dict[tuple, object] = {}  # ("encoder",) or a pass shape → its compiled function
         self.reserve(_DECODER_ROUND, _SOURCE_ROUND if self.is_encoder_decoder else 0)
 
     # -- capacity ------------------------------------------------------------------------------------------
@@ -297,6 +292,8 @@ class StaticDecoder:
         self.cross_cache = Cache(layers=layers)
         d = self.model.config.d_model
         self.source_mask = torch.zeros(1, capacity, dtype=torch.long, device=self.device)
+        # transformers' T5 decoder takes the encoder output but, with the cross-attention K/V cached, reads only its
+        # shape (for the mask): a zero buffer of the capacity's shape, never written.
         self.encoder_hidden = torch.zeros(1, capacity, d, dtype=self.dtype, device=self.device)
         for t in (self.source_mask, self.encoder_hidden):
             torch._dynamo.mark_static_address(t)
@@ -322,10 +319,9 @@ class StaticDecoder:
             s = encoder_input_ids.shape[1]
             self.reserve(self.decoder_capacity, s)
             ids = encoder_input_ids.clone()  # an inference tensor, as in warmup: one kind of input for the graph guards
-            hidden, kv = self._encode(self.model, ids) if self.compile_mode == "none" else self._call(("encoder",), self.model, ids)
+            kv = _encode(self.model, ids) if self.compile_mode == "none" else self._call(("encoder",), self.model, ids)
             self.source_mask.zero_()
             self.source_mask[:, :s] = 1
-            self.encoder_hidden[:, :s].copy_(hidden)
             for layer, (k, v) in zip(self.cross_cache.layers, kv):
                 layer.keys[:, :, :s].copy_(k)
                 layer.values[:, :, :s].copy_(v)
@@ -350,9 +346,7 @@ class StaticDecoder:
         tokens = padded
         self.position.fill_(length)
         hidden, mask = (self.encoder_hidden, self.source_mask) if self.is_encoder_decoder else (None, None)
-        if kb > MAX_BUCKET:  # a long prompt: once per example, uncompiled
-            logits = _decoder_forward(self.model, tokens, self.cache, hidden, mask)
-        elif self.compile_mode == "none":
+        if self.compile_mode == "none" or kb > MAX_BUCKET:  # kb > MAX_BUCKET: a long prompt, once per example
             logits = _decoder_forward(self.model, tokens, self.cache, hidden, mask)
         else:
             logits = self._call(("step", kb, self.decoder_capacity, self.source_capacity), self.model, tokens, self.cache, hidden, mask)
@@ -373,11 +367,11 @@ class StaticDecoder:
             # per-call guard checks (~0.4 ms on this CPU, as long as a small model's step) are skipped.
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return fn(*args)
-        if key[0] == "encoder":
-            fn = self._encode
-        else:
-            fn = torch.compile(_own_code(_decoder_forward, (id(self), *key)), fullgraph=True, dynamic=False, mode=self.compile_mode)
-        self._graphs[key] = fn
+        # The encoder runs once per example at the source's own length (padding it would cost compute): one graph
+        # with a symbolic length. Decoder passes: one static graph per bucket and capacity.
+        dynamic = key[0] == "encoder"
+        fn = _own_code(_encode if dynamic else _decoder_forward, (id(self), *key))
+        fn = self._graphs[key] = torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=self.compile_mode)
         t0 = time.perf_counter()  # the first call compiles: timed and counted apart
         out = fn(*args)
         if self.device.type == "cuda":
@@ -390,8 +384,8 @@ class StaticDecoder:
     # -- before timing -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def warmup(self, max_pass_tokens: int) -> None:
-        """Run every pass shape a run can need (each bucket up to max_pass_tokens' bucket, the encoder and the
-        first pass), so that all compilation happens here and none while an example is timed."""
+        """Run every pass shape a run can need (the encoder, and each bucket up to max_pass_tokens' bucket), so that
+        all compilation happens here and none while an example is timed."""
         sizes = sorted({bucket(k) for k in range(1, min(max_pass_tokens, MAX_BUCKET) + 1)})
         source = torch.zeros(1, 2, dtype=torch.long, device=self.device) if self.is_encoder_decoder else None
         for kb in sizes:

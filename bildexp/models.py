@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from bildexp import PROJECT_ROOT, BildexpError
-from bildexp.cache import StaticDecoder
+from bildexp.cache import StaticDecoder, bucket
 from bildexp.config import PairConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,11 +37,14 @@ class ModelPair:
     # pair.cache=static: each model's preallocated cache and (compiled) forward, by role; None: dynamic caches.
     static: dict[str, StaticDecoder] | None = None
 
-    def prepare_static(self, decoder_len: int, source_len: int, max_pass_tokens: int) -> dict[str, float]:
-        """Before timing, on the static path: room for the run's longest example, then every pass shape
-        compiled (`StaticDecoder.warmup`). → compile_s and graphs over both models, this call only."""
+    def prepare_static(self, prompts: list, max_new_tokens: int, max_pass_tokens: int) -> dict[str, float]:
+        """Before timing, on the static path: room for the longest of these prompts (`policies.Prompt`s) grown by
+        max_new_tokens and a pass of max_pass_tokens, then every pass shape compiled (`StaticDecoder.warmup`).
+        → compile_s and compiled_graphs over both models, this call only ({} on the dynamic path)."""
         if not self.static:
             return {}
+        decoder_len = max(len(p.decoder_prefix) for p in prompts) + max_new_tokens + bucket(max_pass_tokens)
+        source_len = max(0 if p.encoder_input_ids is None else p.encoder_input_ids.shape[1] for p in prompts)
         before = {role: (d.stats.compile_s, d.stats.graphs) for role, d in self.static.items()}
         for decoder in self.static.values():
             decoder.reserve(decoder_len, source_len)
@@ -50,6 +53,10 @@ class ModelPair:
             "compile_s": round(sum(d.stats.compile_s - before[r][0] for r, d in self.static.items()), 2),
             "compiled_graphs": sum(d.stats.graphs - before[r][1] for r, d in self.static.items()),
         }
+
+    def late_compiles(self) -> int:
+        """Graphs compiled after a warm-up so far (0 on the dynamic path)."""
+        return sum(d.stats.late for d in self.static.values()) if self.static else 0
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,7 +13,6 @@ import numpy as np
 from tqdm import tqdm
 
 from bildexp import metrics
-from bildexp.cache import bucket
 from bildexp.config import Config
 from bildexp.cost import run_cost
 from bildexp.models import PairCache
@@ -117,14 +116,10 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
     done = {r["id"] for r in records}
     todo = [i for i, ex in enumerate(data.examples) if ex.id not in done]
     # Static path: room for the longest example, and every graph compiled now, not inside a timed example.
-    static = pair.prepare_static(
-        decoder_len=max(len(p.decoder_prefix) for p, _ in prompts) + cfg.task.max_new_tokens + bucket(policy.max_pass_tokens()),
-        source_len=max((0 if p.encoder_input_ids is None else p.encoder_input_ids.shape[1]) for p, _ in prompts),
-        max_pass_tokens=policy.max_pass_tokens(),
-    )
+    static = pair.prepare_static([p for p, _ in prompts], cfg.task.max_new_tokens, policy.max_pass_tokens())
     if static:
         print(f"{rid}: {static['compiled_graphs']} new graphs, {static['compile_s']:.1f} s (pair.compile={cfg.pair.compile})", file=sys.stderr)
-    late_before = sum(d.stats.late for d in pair.static.values()) if pair.static else 0
+    late_before = pair.late_compiles()
     # Warm-up: decode the first examples once, untimed and unrecorded (allocator, caches, lazy init).
     for prompt, _ in prompts[: min(cfg.runner.warmup, len(todo))]:
         policy.decode(pair, prompt, cfg.task.max_new_tokens, seed=0)
@@ -166,7 +161,7 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         **run_cost(summary, {"large": pair.large, "small": pair.small}),
         **provenance(pair.device, cfg.pair.dtype, threads),
         **static,
-        **({"late_compiles": sum(d.stats.late for d in pair.static.values()) - late_before} if pair.static else {}),
+        **({"late_compiles": pair.late_compiles() - late_before} if pair.static else {}),
         "wall_s": round(time.perf_counter() - started, 1),
     }
     files.write_row(row)

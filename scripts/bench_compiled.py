@@ -60,11 +60,9 @@ def main() -> None:
     policies = {name: OnPair(make_policy(PolicyConfig(**kw)), compiled) for name, kw in kinds.items()}
     policies["vanilla-large-eager"] = OnPair(make_policy(PolicyConfig(name="vanilla")), eager)
     window = max(p.policy.max_pass_tokens() for p in policies.values())
-    source = max(p.encoder_input_ids.shape[1] for p in prompts) if prompts[0].encoder_input_ids is not None else 0
-    prefix = max(len(p.decoder_prefix) for p in prompts)
-    print(f"compile before timing: {compiled.prepare_static(prefix + max_new + 16, source, window)}", flush=True)
+    print(f"compile before timing: {compiled.prepare_static(prompts, max_new, window)}", flush=True)
     runs = interleaved(policies, eager, prompts, max_new, args.warmup)
-    late = sum(d.stats.late for d in compiled.static.values())
+    late = compiled.late_compiles()
 
     refs = [ex.reference for ex in load_task(cfg.task, args.limit).examples]
     base, eager_ms = statistics.mean(runs["vanilla-large"]["ms"]), statistics.mean(runs["vanilla-large-eager"]["ms"])
