@@ -22,7 +22,8 @@ Two backends behind the same two operations (`pair.cache`):
   forward is `torch.compile`d (fullgraph; CUDA graphs under mode="reduce-overhead" on GPU); every pass is
   padded to a power-of-two bucket (1, 2, 4, 8, 16 tokens), so a whole sweep runs on a handful of graphs,
   all compiled by `StaticDecoder.warmup` before anything is timed. Padding sits after the real tokens,
-  so causal masking keeps it out of every kept logit.
+  so causal masking keeps it out of every kept logit. `pair.freeze` compiles with inductor freezing (the
+  weights become graph constants, prepacked for the CPU's GEMM kernels).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
@@ -230,7 +232,7 @@ class StaticDecoder:
 
     Serves one `ModelState` at a time: `start` begins an example (and invalidates the previous state)."""
 
-    def __init__(self, model: PreTrainedModel, compile_mode: str = "none"):
+    def __init__(self, model: PreTrainedModel, compile_mode: str = "none", freeze: bool = False):
         model_type = model.config.model_type
         if model_type not in STATIC_MODEL_TYPES:
             raise ValueError(f"pair.cache=static supports {', '.join(STATIC_MODEL_TYPES)} models, not {model_type!r}: "
@@ -239,18 +241,23 @@ class StaticDecoder:
             raise ValueError(f"unknown compile mode {compile_mode!r}: one of {', '.join(COMPILE_MODES)}")
         self.model = model
         self.compile_mode = compile_mode
+        self.freeze = freeze  # inductor freezing: the weights are constants of the graphs (prepacked on CPU)
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.device = model.device
         self.dtype = model.dtype
-        self.position = torch.zeros((), dtype=torch.long, device=self.device)
-        torch._dynamo.mark_static_address(self.position)
+        self._cudagraphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        # The buffers the graphs read but never write (write position, cross-attention K/V, source mask) get fixed
+        # addresses for CUDA graphs only: inductor's freezing folds every static-address input into the graph as a
+        # constant, which would freeze them at their warm-up values. (Buffers a graph writes, the self-attention
+        # K/V, stay graph inputs either way.)
+        self._static_addresses = self._cudagraphs and not freeze
+        self.position = self._graph_input(torch.zeros((), dtype=torch.long, device=self.device))
         self.decoder_capacity = 0
         self.source_capacity = 0
         self.stats = CompileStats()
         self.warm = False  # set by warmup: graphs first seen later count as late
         self._session = 0
         self._tokens: dict[int, torch.Tensor] = {}  # bucket → its input buffer [1, bucket]
-        self._cudagraphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
         self._graphs: dict[tuple, object] = {}  # ("encoder",) or a pass shape → its compiled function
         self.reserve(_DECODER_ROUND, _SOURCE_ROUND if self.is_encoder_decoder else 0)
 
@@ -288,17 +295,22 @@ class StaticDecoder:
         n_layers = _attention_shape(self.model)[0]
         layers = [CrossLayer(capacity) for _ in range(n_layers)]
         for layer in layers:
-            self._buffers(layer)
+            self._buffers(layer)  # transformers marks them static-address: replaced below unless CUDA graphs want that
+            layer.keys, layer.values = self._graph_input(layer.keys.clone()), self._graph_input(layer.values.clone())
         self.cross_cache = Cache(layers=layers)
         d = self.model.config.d_model
-        self.source_mask = torch.zeros(1, capacity, dtype=torch.long, device=self.device)
+        self.source_mask = self._graph_input(torch.zeros(1, capacity, dtype=torch.long, device=self.device))
         # transformers' T5 decoder takes the encoder output but, with the cross-attention K/V cached, reads only its
         # shape (for the mask): a zero buffer of the capacity's shape, never written.
-        self.encoder_hidden = torch.zeros(1, capacity, d, dtype=self.dtype, device=self.device)
-        for t in (self.source_mask, self.encoder_hidden):
-            torch._dynamo.mark_static_address(t)
+        self.encoder_hidden = self._graph_input(torch.zeros(1, capacity, d, dtype=self.dtype, device=self.device))
         self.source_capacity = capacity
         self._assemble()
+
+    def _graph_input(self, t: torch.Tensor) -> torch.Tensor:
+        """A buffer the compiled graphs read and never write, static-address when CUDA graphs need it."""
+        if self._static_addresses:
+            torch._dynamo.mark_static_address(t)
+        return t
 
     def _assemble(self) -> None:
         if not self.is_encoder_decoder:
@@ -373,7 +385,8 @@ class StaticDecoder:
         fn = _own_code(_encode if dynamic else _decoder_forward, (id(self), *key))
         fn = self._graphs[key] = torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=self.compile_mode)
         t0 = time.perf_counter()  # the first call compiles: timed and counted apart
-        out = fn(*args)
+        with torch._inductor.config.patch(freezing=self.freeze):
+            out = fn(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats.graphs += 1

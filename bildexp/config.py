@@ -82,6 +82,9 @@ class PairConfig:
     # reduce-overhead (CUDA graphs on GPU), max-autotune, max-autotune-no-cudagraphs. Compilation happens
     # before timing and is reported apart (compile_s). Needs pair.cache=static.
     compile: str = "none"
+    # Inductor freezing under pair.compile: weights become constants of the compiled graphs, so CPU linears run on
+    # prepacked weights (and max-autotune's CPU GEMM templates, fast for few-token passes, apply at all).
+    freeze: bool = False
 
 
 @dataclass
@@ -319,6 +322,8 @@ def validate(cfg: Config) -> Config:
     ee = cfg.pair.early_exit.small_layers
     if ee is not None and ee < 1:
         raise BildexpError(f"pair.early_exit.small_layers={ee} must be >= 1 (or null for two separate models)")
+    if cfg.pair.freeze and cfg.pair.compile == "none":
+        raise BildexpError("pair.freeze=true freezes compiled graphs: add pair.compile=default (or another mode) and pair.cache=static")
     if cfg.pair.compile != "none" and cfg.pair.cache != "static":
         raise BildexpError(f"pair.compile={cfg.pair.compile} compiles the static-cache path: add pair.cache=static")
     if cfg.pair.cache == "static":

@@ -217,7 +217,7 @@ def load_pair(cfg: PairConfig) -> ModelPair:
     pair = assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
     if cfg.cache == "static":
         try:
-            pair.static = {"large": StaticDecoder(large, cfg.compile), "small": StaticDecoder(small, cfg.compile)}
+            pair.static = {role: StaticDecoder(model, cfg.compile, cfg.freeze) for role, model in (("large", large), ("small", small))}
         except ValueError as err:
             raise BildexpError(f"pair {cfg.name}: {err}") from None
     return pair
@@ -230,7 +230,7 @@ class PairCache:
         self._pairs: dict[tuple, ModelPair] = {}
 
     def get(self, cfg: PairConfig) -> ModelPair:
-        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device, cfg.early_exit.small_layers, cfg.cache, cfg.compile)
+        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device, cfg.early_exit.small_layers, cfg.cache, cfg.compile, cfg.freeze)
         if key not in self._pairs:
             self._pairs.clear()  # one pair in memory at a time
             self._pairs[key] = load_pair(cfg)

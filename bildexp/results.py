@@ -36,7 +36,7 @@ from bildexp.config import Config, policy_fields
 # Config values that say where or how loudly to run, not what is measured.
 _NOT_IN_ID = {"output_dir", "force", "progress", "build"}
 # Added after results existed: left out of the run id's hash at these defaults, so that earlier runs keep their ids.
-_ID_DEFAULTS = {"cache": "dynamic", "compile": "none"}
+_ID_DEFAULTS = {"cache": "dynamic", "compile": "none", "freeze": False}
 # Section-level `name` fields become these columns.
 _NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
 
@@ -96,10 +96,11 @@ def policy_label(cfg: Config) -> str:
 
 
 def backend_label(cfg: Config) -> str:
-    """'' on the eager dynamic-cache path; '.static' or '.static-<compile mode>' otherwise."""
+    """'' on the eager dynamic-cache path; '.static', '.static-<compile mode>' or '.static-<compile mode>-frozen'
+    otherwise."""
     if cfg.pair.cache == "dynamic":
         return ""
-    return ".static" + ("" if cfg.pair.compile == "none" else f"-{cfg.pair.compile}")
+    return ".static" + ("" if cfg.pair.compile == "none" else f"-{cfg.pair.compile}") + ("-frozen" if cfg.pair.freeze else "")
 
 
 def run_id(cfg: Config) -> str:

@@ -48,11 +48,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", default="default", help="pair.compile mode of the static path")
+    ap.add_argument("--freeze", action="store_true", help="pair.freeze=true: inductor freezing (prepacked CPU weights)")
     args = ap.parse_args()
     cfg, eager, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit)
-    compiled = load_pair(dataclasses.replace(cfg.pair, cache="static", compile=args.compile))
+    compiled = load_pair(dataclasses.replace(cfg.pair, cache="static", compile=args.compile, freeze=args.freeze))
     max_new = cfg.task.max_new_tokens
-    print(header + f"; static path: pair.cache=static pair.compile={args.compile}")
+    print(header + f"; static path: pair.cache=static pair.compile={args.compile} pair.freeze={args.freeze}")
 
     kinds = {"vanilla-large": dict(name="vanilla"), "vanilla-small": dict(name="vanilla", which="small"),
              **{f"bild-fb{f}-rb{r:g}": dict(name="bild", fallback_threshold=f, rollback_threshold=r) for f, r in BILD_POINTS},

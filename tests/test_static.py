@@ -81,6 +81,7 @@ def test_unsupported_model_types_are_refused_in_one_line(arch):
 
 @pytest.mark.parametrize("overrides, message", [
     (["pair.compile=default"], "pair.compile=default compiles the static-cache path: add pair.cache=static"),
+    (["pair.cache=static", "pair.freeze=true"], "pair.freeze=true freezes compiled graphs: add pair.compile=default"),
     (["pair.cache=static", "policy=calm"], "policy=calm runs eager on dynamic caches only"),
     (["pair.cache=static", "policy=hf_assisted"], "policy=hf_assisted runs eager on dynamic caches only"),
     (["pair.cache=static", "policy=ppd"], "policy=ppd runs eager on dynamic caches only"),
@@ -111,15 +112,16 @@ def test_static_policies_equal_dynamic_on_the_tiny_pairs(tiny_pair, toy_examples
 _COMPILED: dict = {}
 
 
-def compiled_setup(pair_name: str, task: str):
+def compiled_setup(pair_name: str, task: str, freeze: bool = False):
     """(eager dynamic pair, compiled static pair, prompts, eager greedy of large): built once per session."""
-    if pair_name not in _COMPILED:
+    if (pair_name, freeze) not in _COMPILED:
         cfg = make_config(f"pair={pair_name}", f"task={task}")
         eager = load_pair(cfg.pair)
-        compiled = load_pair(make_config(f"pair={pair_name}", f"task={task}", "pair.cache=static", "pair.compile=default").pair)
+        compiled = load_pair(make_config(f"pair={pair_name}", f"task={task}", "pair.cache=static", "pair.compile=default",
+                                         f"pair.freeze={str(freeze).lower()}").pair)
         ps = prompts(eager, load_task(cfg.task, limit=12).examples, cfg.task)
-        _COMPILED[pair_name] = (eager, compiled, ps, [hf_greedy(eager.large, eager, p) for p in ps])
-    return _COMPILED[pair_name]
+        _COMPILED[pair_name, freeze] = (eager, compiled, ps, [hf_greedy(eager.large, eager, p) for p in ps])
+    return _COMPILED[pair_name, freeze]
 
 
 def first_divergence(eager, compiled, prompt, got: list[int], ref: list[int]) -> str:
@@ -136,10 +138,12 @@ def run_all(pair, ps, **kw):
     return [policy.decode(pair, p, MAX_NEW) for p in ps]
 
 
-@pytest.mark.parametrize("pair_name, task", [("tiny_t5", "toy"), ("tiny_llama", "toy"), ("t5_multi30k_aligned", "multi30k")])
-def test_compiled_decoding_is_exact(pair_name, task):
-    eager, compiled, ps, large_ref = compiled_setup(pair_name, task)
-    assert compiled.static["large"].compile_mode == "default"
+@pytest.mark.parametrize("pair_name, task, freeze", [("tiny_t5", "toy", False), ("tiny_llama", "toy", False),
+                                                     ("t5_multi30k_aligned", "multi30k", False), ("tiny_t5", "toy", True)])
+def test_compiled_decoding_is_exact(pair_name, task, freeze):
+    """freeze: inductor freezing (weights as constants, prepacked linears): other kernels, the same tokens."""
+    eager, compiled, ps, large_ref = compiled_setup(pair_name, task, freeze)
+    assert compiled.static["large"].compile_mode == "default" and compiled.static["large"].freeze == freeze
     # Vanilla, compiled, against transformers' eager greedy generate(): any difference is shown with its logit gap.
     vanilla = [g.tokens for g in run_all(compiled, ps, name="vanilla", which="large")]
     diffs = [first_divergence(eager, compiled, p, g, r) for p, g, r in zip(ps, vanilla, large_ref) if g != r]
@@ -174,6 +178,8 @@ def test_compiled_run_reports_compilation_apart(tmp_path):
                       "runner.limit=4", f"runner.output_dir={tmp_path}")
     eager_cfg = make_config("pair=tiny_t5", "policy=bild", "policy.max_small_steps=3")
     assert ".float32.static-default." in run_id(cfg) and ".float32." in run_id(eager_cfg) and "static" not in run_id(eager_cfg)
+    frozen = make_config("pair=tiny_t5", "pair.cache=static", "pair.compile=default", "pair.freeze=true", "policy=bild")
+    assert ".float32.static-default-frozen." in run_id(frozen)
     row = run(cfg, PairCache())
     assert row["cache"] == "static" and row["compile"] == "default"
     assert row["compiled_graphs"] > 0 and row["compile_s"] > 0 and row["late_compiles"] == 0
