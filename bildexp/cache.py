@@ -28,7 +28,9 @@ Two backends behind the same two operations (`pair.cache`):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import time
 import types
 from collections import Counter
@@ -385,7 +387,8 @@ class StaticDecoder:
         fn = _own_code(_encode if dynamic else _decoder_forward, (id(self), *key))
         fn = self._graphs[key] = torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=self.compile_mode)
         t0 = time.perf_counter()  # the first call compiles: timed and counted apart
-        with torch._inductor.config.patch(freezing=self.freeze):
+        # max-autotune writes its kernel benchmark tables to stderr: kept out of the user's terminal (errors still raise)
+        with torch._inductor.config.patch(freezing=self.freeze), contextlib.redirect_stderr(io.StringIO()):
             out = fn(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -10,7 +10,7 @@ Models: t5-small-sized and Llama-small-sized configs with random weights (speed 
 weights), the project's tiny T5 (the worst case: its steps are so short that any fixed per-step cost shows),
 and with --static the t5_multi30k testbed's models.
 
-    python scripts/bench_overhead.py [--tokens 64] [--reps 7] [--threads 1] [--static]
+    python scripts/bench_overhead.py [--tokens 64] [--reps 7] [--threads 1] [--static] [--only t5_multi30k]
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--static", action="store_true", help="static cache + torch.compile on both sides")
+    ap.add_argument("--only", help="run only the models whose name contains this (e.g. t5_multi30k)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,6 +137,8 @@ def main() -> None:
           f"backend: {backend}")
     print(f"{'model':<22} {'bare ms/tok':>9} {'harness ms/tok':>11} {'ratio':>7}")
     for name, (model, prompt) in models.items():
+        if args.only and args.only not in name:
+            continue
         bench(name, model.eval(), prompt, args.tokens, args.reps, args.static)
 
 

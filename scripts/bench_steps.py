@@ -2,13 +2,15 @@
 
 BiLD pays off when a small step is much cheaper than a large one AND a k-token large pass costs little
 more than one step. This prints both, medians over repetitions after a warm-up, for k = 1, 4, 8, 11, on
-each backend (`pair.cache` / `pair.compile`): eager on transformers' DynamicCache, eager on bildexp's static
-cache, and compiled on the static cache (inductor on CPU; its padded buckets make k = 11 a 16-token pass).
+each backend (`pair.cache` / `pair.compile` / `pair.freeze`): eager on transformers' DynamicCache, eager on
+bildexp's static cache, and compiled on the static cache (inductor on CPU; its padded buckets make k = 11 a
+16-token pass), named static-<compile mode>, with -frozen for inductor freezing.
 Threads, dtype and device are on every line; compile time is printed apart. A draft can also be made by
 slicing the large model's first N decoder layers (`--draft-layers N`, shared head).
 
     python scripts/bench_steps.py --pair t5_multi30k --context 12 --source 24
     python scripts/bench_steps.py --pair tiny_t5 --backends dynamic,static-default --dtypes float32
+    python scripts/bench_steps.py --pair t5_multi30k_aligned --backends static-default,static-max-autotune-no-cudagraphs-frozen
     python scripts/bench_steps.py --large builtin:smollm2/large --draft-layers 1 --context 256 --backends dynamic
 """
 
@@ -28,7 +30,8 @@ from bildexp.cache import ModelState, StaticDecoder
 from bildexp.models import DTYPES, first_layers, load_model
 from bildexp.timing import synchronize
 
-BACKENDS = ("dynamic", "static", "static-default", "static-reduce-overhead")
+BACKENDS = ("dynamic", "static", "static-default", "static-reduce-overhead", "static-default-frozen",
+            "static-max-autotune-no-cudagraphs-frozen")  # static-<pair.compile>[-frozen: pair.freeze=true]
 
 
 def step_ms(model, backend: str, context: int, source: int, k: int, reps: int, static: StaticDecoder | None) -> float:
@@ -54,7 +57,8 @@ def step_ms(model, backend: str, context: int, source: int, k: int, reps: int, s
 def decoder_for(model, backend: str) -> StaticDecoder | None:
     if backend == "dynamic":
         return None
-    return StaticDecoder(model, "none" if backend == "static" else backend.removeprefix("static-"))
+    mode = backend.removeprefix("static").removeprefix("-") or "none"
+    return StaticDecoder(model, mode.removesuffix("-frozen"), freeze=mode.endswith("-frozen"))
 
 
 def main() -> None:
@@ -86,13 +90,13 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} device={device} context={args.context} source={args.source} reps={args.reps} "
           f"torch={torch.__version__}")
     print(f"large={large_name} small={'first %d layers of large' % args.draft_layers if args.draft_layers else small_name}")
-    print(f"{'dtype':<9} {'backend':<22} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} {'large k/1':>9}")
+    print(f"{'dtype':<9} {'backend':<40} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} {'large k/1':>9}")
     compile_lines = []
     for dtype in args.dtypes.split(","):
         large = load_model(large_name, DTYPES[dtype], device)
         small = first_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], device)
         for backend in args.backends.split(","):
-            if backend not in BACKENDS:
+            if backend not in BACKENDS and not backend.startswith("static-"):
                 raise SystemExit(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
             decoders = {"large": decoder_for(large, backend), "small": decoder_for(small, backend)}
             if decoders["large"] is not None:
@@ -107,7 +111,7 @@ def main() -> None:
                 lm = step_ms(large, backend, args.context, args.source, k, args.reps, decoders["large"])
                 sm = step_ms(small, backend, args.context, args.source, k, args.reps, decoders["small"])
                 one = one or lm
-                print(f"{dtype:<9} {backend:<22} {k:>2} {lm:>9.2f} {sm:>9.2f} {lm / sm:>11.2f} {lm / one:>9.2f}", flush=True)
+                print(f"{dtype:<9} {backend:<40} {k:>2} {lm:>9.2f} {sm:>9.2f} {lm / sm:>11.2f} {lm / one:>9.2f}", flush=True)
             late = sum(d.stats.late for d in decoders.values() if d is not None)
             if late:
                 print(f"  warning: {late} graphs compiled inside timed passes", flush=True)
