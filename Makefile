@@ -116,8 +116,9 @@ VARIANT ?= offline
 reproduce-results: .venv/.installed ## run every artifact's offline variant into results/offline (resumable; REPRODUCTION.md has the time)
 	@for a in $(ARTIFACTS); do $(BILDEXP) reproduce experiment=$$a/$(VARIANT) $(OVERRIDES) || exit 1; done
 
-reproduce-figures: .venv/.installed ## every paper figure (PNG, PDF) and table (Markdown, LaTeX) from results/offline/*.csv, in seconds
+reproduce-figures: .venv/.installed ## every paper figure (PNG, PDF) and table (Markdown, LaTeX) from results/offline*/*.csv, in seconds
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
+	$(BILDEXP) figures --results results/offline_compiled --out docs/figures/reproduction_compiled
 
 reproduce-tiny: .venv/.installed ## every artifact config (offline and paper) on the tiny pairs: a check that none has rotted
 	@for a in $(ARTIFACTS); do for v in offline paper; do \
