@@ -217,17 +217,20 @@ class LayerwiseDecoder:
         """T5's relative position bias [1, H, k, start+k], or Llama's rotary (cos, sin), for positions
         start..start+k-1. Kept for the step, since early-exit methods run one token's layers in several
         slices (CALM: one per layer) and T5's bias costs ~0.1 ms, a tenth of a t5_multi30k decoder layer."""
+        # PPD's branch thread shares this memo and may clear it at any moment: one atomic get, never a membership
+        # check followed by a read, and the value returned is the one this call holds.
         key = (start, k)
-        if key not in self._position_memo:
-            if len(self._position_memo) > 4:  # only this step's (and PPD's next-position branch's) are needed
-                self._position_memo.clear()
+        value = self._position_memo.get(key)
+        if value is None:
             if self.is_encoder_decoder:
                 attn = self.layers[0].layer[0].SelfAttention  # holds the relative position bias of all layers
                 value = attn.compute_bias(k, start + k, device=h.device, past_seen_tokens=start)
             else:
                 value = self.model.model.rotary_emb(h, position_ids=torch.arange(start, start + k, device=h.device).unsqueeze(0))
+            if len(self._position_memo) > 4:  # only this step's (and PPD's next-position branch's) are needed
+                self._position_memo.clear()
             self._position_memo[key] = value
-        return self._position_memo[key]
+        return value
 
     @torch.inference_mode()
     def head(self, h: torch.Tensor, layer: int | None = None) -> torch.Tensor:

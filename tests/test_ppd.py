@@ -201,3 +201,39 @@ def test_ppd_layer_below_half_depth_is_one_line(tiny_pair, toy_examples):
     p = prompts(tiny_pair, toy_examples, make_config().task)[0]
     with pytest.raises(BildexpError, match="PPD needs d̄ >= d/2"):
         make_policy(PolicyConfig(name="ppd", ppd_layer=99)).decode(tiny_pair, p, 4)
+
+
+class _ClearedByTheOtherThread(dict):
+    """A position memo that PPD's other thread empties right after every lookup: the worst interleaving."""
+
+    def __contains__(self, key):
+        found = super().__contains__(key)
+        self.clear()
+        return found
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        self.clear()
+        return value
+
+
+def test_position_encodings_survive_the_branch_thread_clearing_the_memo(tiny_pair, toy_examples):
+    """layerwise._positions is shared by PPD's two threads: a clear between a lookup and its use must not fail
+    (it raised KeyError when it checked membership, then read), and the logits stay those of a private memo."""
+    import torch
+
+    from bildexp.layerwise import LayerwiseDecoder
+
+    from conftest import make_config
+    from test_exactness import prompts
+
+    prompt = prompts(tiny_pair, toy_examples, make_config().task)[0]
+    enc = prompt.encoder_input_ids if tiny_pair.is_encoder_decoder else None
+    shared, private = LayerwiseDecoder(tiny_pair.large, enc), LayerwiseDecoder(tiny_pair.large, enc)
+    shared._position_memo = _ClearedByTheOtherThread()
+    tokens = torch.tensor([prompt.decoder_prefix + [7, 8]])
+    for step in (tokens, torch.tensor([[9]]), torch.tensor([[4]])):
+        # One token's layers in two slices, as PPD's main thread and CALM run them: the second slice finds its
+        # positions memoised by the first.
+        h = shared.run(shared.run(shared.embed(step), 0, 1), 1, shared.n_layers)
+        torch.testing.assert_close(shared.head(h)[0], private.logits(step), atol=0, rtol=0)
