@@ -19,23 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-from bildexp import PROJECT_ROOT
-
-CONF_DIR = PROJECT_ROOT / "conf"
+from bildexp.config import CONF_DIR
 
 USAGE = __doc__.split("\n\n", 1)[1]
-
-
-def compose_config(*overrides: str):
-    """The real conf/ composed with overrides, as `bildexp run` composes it → a validated `Config`
-    (for scripts and tests that need a run's settings without running it)."""
-    from hydra import compose, initialize_config_dir
-
-    from bildexp.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(compose(config_name="config", overrides=list(overrides)))
 
 
 def _summary_table(rows: list[dict]) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from bildexp import BildexpError
+from bildexp import PROJECT_ROOT, BildexpError
 
 
 @dataclass
@@ -371,3 +371,16 @@ def to_config(dcfg: DictConfig | Config) -> Config:
         return validate(dcfg)
     obj: Any = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dcfg))
     return validate(obj)
+
+
+CONF_DIR = PROJECT_ROOT / "conf"
+
+
+def compose_config(*overrides: str) -> Config:
+    """The real conf/ composed with overrides, as `bildexp run` composes it → a validated `Config`
+    (for scripts and tests that need a run's settings without running it)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))

@@ -61,7 +61,7 @@ def plan(experiment: str) -> tuple[object, list[list[str]]]:
     """The composed config of an artifact and its sweeps as complete override lists, each starting with
     experiment=...: the artifact's own, or the one the sweep names (a testbed experiment run into the
     artifact's output folder, e.g. PPD's two testbeds)."""
-    from bildexp.cli import compose_config
+    from bildexp.config import compose_config
 
     if experiment not in artifacts():
         raise BildexpError(f"unknown artifact experiment {experiment!r}: one of {', '.join(artifacts())}")
@@ -81,7 +81,7 @@ def plan(experiment: str) -> tuple[object, list[list[str]]]:
 
 def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = ()) -> list[dict]:
     """Every sweep of the artifact in tiny mode, in this process; returns the rows (one per distinct run)."""
-    from bildexp.cli import compose_config
+    from bildexp.config import compose_config
     from bildexp.models import PairCache
     from bildexp.runner import run
 

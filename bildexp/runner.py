@@ -90,7 +90,7 @@ def benchmark_inputs(experiment: str, pair_name: str, limit: int) -> tuple[Confi
     import torch
     import transformers
 
-    from bildexp.cli import compose_config
+    from bildexp.config import compose_config
 
     cfg = compose_config(f"experiment={experiment}", f"pair={pair_name}", f"runner.limit={limit}")
     threads, _, pair, encoded = prepare(cfg, PairCache())

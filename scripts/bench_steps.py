@@ -82,7 +82,7 @@ def main() -> None:
     if args.pair:
         from omegaconf import OmegaConf
 
-        from bildexp.cli import CONF_DIR
+        from bildexp.config import CONF_DIR
 
         pc = OmegaConf.load(CONF_DIR / "pair" / f"{args.pair}.yaml")
         large_name, small_name = pc.large, pc.small

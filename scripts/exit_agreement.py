@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch
 
 from bildexp.align import greedy_outputs, top1_agreement
-from bildexp.cli import compose_config
+from bildexp.config import compose_config
 from bildexp.config import PairConfig
 from bildexp.layerwise import decoder_layers
 from bildexp.models import first_layers, load_pair

@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from bildexp.cli import compose_config
+from bildexp.config import compose_config
 from bildexp.config import Config
 from bildexp.models import load_pair
 from bildexp.tasks import load_task

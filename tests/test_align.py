@@ -7,7 +7,7 @@ import json
 from hydra import compose, initialize_config_dir
 
 from bildexp.align import align, top1_agreement
-from bildexp.cli import CONF_DIR
+from bildexp.config import CONF_DIR
 from bildexp.config import AlignRunConfig, PolicyConfig, register_configs, to_train_config
 from bildexp.models import load_pair
 from bildexp.policies import make_policy

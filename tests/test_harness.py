@@ -152,3 +152,24 @@ def test_console_script_help_and_error():
     assert out.returncode == 0 and "bildexp run" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bildexp.cli", "run", "task=nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_the_command_line_is_the_top_of_the_package():
+    """bildexp.cli composes and runs everything; no other module imports it (config composition lives beside the
+    schema in bildexp.config), so a library user never loads the command line."""
+    import ast
+    from pathlib import Path
+
+    import bildexp
+
+    importers = []
+    for path in sorted(Path(bildexp.__file__).parent.glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module
+                     else [])
+            if any(n == "bildexp.cli" or n.startswith("bildexp.cli.") for n in names):
+                importers.append(path.name)
+    assert not importers, f"modules importing bildexp.cli: {importers}"

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 import bildexp.train as train_mod
 from bildexp import BildexpError
-from bildexp.cli import CONF_DIR
+from bildexp.config import CONF_DIR
 from bildexp.config import register_configs, to_train_config
 from bildexp.models import resolve_path
 
