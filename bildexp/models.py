@@ -6,6 +6,7 @@ decoder-only. Loading errors become one-line `BildexpError`s that say what to do
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,10 +228,11 @@ class PairCache:
     """Keeps loaded pairs across the jobs of one multirun (Hydra runs them in one process)."""
 
     def __init__(self) -> None:
-        self._pairs: dict[tuple, ModelPair] = {}
+        self._pairs: dict[str, ModelPair] = {}
 
     def get(self, cfg: PairConfig) -> ModelPair:
-        key = (cfg.large, cfg.small, cfg.tokenizer, cfg.dtype, cfg.device, cfg.early_exit.small_layers, cfg.cache, cfg.compile, cfg.freeze)
+        # Every pair setting that changes what load_pair builds (the name, build hint and threads do not).
+        key = repr({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("name", "build", "threads")})
         if key not in self._pairs:
             self._pairs.clear()  # one pair in memory at a time
             self._pairs[key] = load_pair(cfg)

@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from bildexp.cache import ModelState, StaticDecoder
+from bildexp.config import COMPILE_MODES
 from bildexp.models import DTYPES, first_layers, load_model
 from bildexp.timing import synchronize
 
-BACKENDS = ("dynamic", "static", "static-default", "static-reduce-overhead", "static-default-frozen",
-            "static-max-autotune-no-cudagraphs-frozen")  # static-<pair.compile>[-frozen: pair.freeze=true]
+BACKENDS = "dynamic, static, static-<pair.compile mode>[-frozen] (-frozen: pair.freeze=true)"
 
 
 def step_ms(model, backend: str, context: int, source: int, k: int, reps: int, static: StaticDecoder | None) -> float:
@@ -54,11 +54,19 @@ def step_ms(model, backend: str, context: int, source: int, k: int, reps: int, s
     return statistics.median(times[1:])
 
 
-def decoder_for(model, backend: str) -> StaticDecoder | None:
+def parse_backend(backend: str) -> tuple[str, bool] | None:
+    """'dynamic' → None; 'static[-<compile mode>][-frozen]' → (compile mode, freeze)."""
     if backend == "dynamic":
         return None
-    mode = backend.removeprefix("static").removeprefix("-") or "none"
-    return StaticDecoder(model, mode.removesuffix("-frozen"), freeze=mode.endswith("-frozen"))
+    mode = backend.removeprefix("static").removeprefix("-").removesuffix("-frozen") or "none"
+    if not backend.startswith("static") or mode not in COMPILE_MODES:
+        raise SystemExit(f"unknown backend {backend!r}: one of {BACKENDS}, modes {', '.join(COMPILE_MODES[1:])}")
+    return mode, backend.endswith("-frozen")
+
+
+def decoder_for(model, backend: str) -> StaticDecoder | None:
+    parsed = parse_backend(backend)
+    return None if parsed is None else StaticDecoder(model, parsed[0], freeze=parsed[1])
 
 
 def main() -> None:
@@ -73,7 +81,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--backends", default="dynamic,static,static-default", help=f"comma-separated: {', '.join(BACKENDS)}")
+    ap.add_argument("--backends", default="dynamic,static,static-default", help=f"comma-separated: {BACKENDS}")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,8 +104,6 @@ def main() -> None:
         large = load_model(large_name, DTYPES[dtype], device)
         small = first_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], device)
         for backend in args.backends.split(","):
-            if backend not in BACKENDS and not backend.startswith("static-"):
-                raise SystemExit(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
             decoders = {"large": decoder_for(large, backend), "small": decoder_for(small, backend)}
             if decoders["large"] is not None:
                 for d in decoders.values():  # every shape compiled here, before any timed pass
