@@ -23,5 +23,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: hub ids resolve from the local HF cache only."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 class BildexpError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits with status 2."""

@@ -19,14 +19,25 @@ from bildexp import PROJECT_ROOT, BildexpError
 @dataclass
 class TaskConfig:
     name: str = "toy"
-    # HF hub dataset for users with network access (REFERENCE.md names them).
+    # HF hub dataset for users with network access, by its namespaced id (REFERENCE.md names them).
     hub_dataset: Optional[str] = None
     hub_config: Optional[str] = None
+    # The repository revision and the parquet files of one split in it ({config}: hub_config or "default";
+    # {split}: a split name). Datasets >= 4 runs no loading scripts, so script-only repositories are read from
+    # the hub's parquet export (revision refs/convert/parquet, files {config}/{split}/*.parquet).
+    hub_revision: str = "refs/convert/parquet"
+    hub_files: str = "{config}/{split}/*.parquet"
+    # Rows the full evaluation split has on the hub (the paper's count); a different count is reported.
+    hub_rows: Optional[int] = None
     # Split read from the hub; the official BiLD code evaluates on validation.
     split: str = "validation"
-    # Field names in the hub rows: a "translation" dict keyed by language, or plain columns.
+    # Field names in the hub rows: a dotted path ("translation.de", "answers.text.0": list items by index),
+    # or, for the source, a template of such paths ("{context}\nQuestion: {question}").
     source_field: str = "source"
     target_field: str = "reference"
+    # Drop hub rows whose source or reference is empty (XSUM's validation split has such documents; the
+    # pipeline behind the paper's summarisation numbers drops them), counted in the run's `data` column.
+    drop_empty: bool = False
     # File under data_dir holding this task as {"id", "source", "reference"} JSONL, and its split name.
     local_file: Optional[str] = None
     local_split: Optional[str] = None
@@ -85,6 +96,10 @@ class PairConfig:
     # Inductor freezing under pair.compile: weights become constants of the compiled graphs, so CPU linears run on
     # prepacked weights (and max-autotune's CPU GEMM templates, fast for few-token passes, apply at all).
     freeze: bool = False
+    # Cut both models' vocabulary rows to the tokenizer's length, as the official BiLD code does for the kssteven
+    # checkpoints (mT5 250,112 -> 250,100, T5 32,128 -> 32,100): the softmaxes the fallback and rollback rules
+    # read then cover real tokens only. On for the kssteven pairs.
+    resize_to_tokenizer: bool = False
 
 
 @dataclass
@@ -157,6 +172,13 @@ class ReproduceConfig:
     tiny: list[str] = field(
         default_factory=lambda: ["pair=tiny_t5", "runner.limit=2", "runner.warmup=0", "task.max_new_tokens=8"]
     )
+    # The rehearsal of the networked route (tests/test_hub_route.py, on a stand-in HF hub cache): the pairs and
+    # hub data stay the paper's; these overrides replace the same keys in every sweep (swept value axes cut to
+    # their ends, as in tiny mode), and `rehearse_prepare` shrinks every prepare command (a `bildexp train`).
+    rehearse: list[str] = field(default_factory=lambda: ["runner.limit=2", "runner.warmup=0", "task.max_new_tokens=8"])
+    rehearse_prepare: list[str] = field(default_factory=lambda: [
+        "train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2",
+        "train.eval_examples=2", "train.eval_decode=2"])
 
 
 @dataclass
@@ -384,3 +406,12 @@ def compose_config(*overrides: str) -> Config:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def compose_train_config(*overrides: str) -> TrainRunConfig:
+    """conf/train.yaml composed with overrides, as `bildexp train` composes it → a checked `TrainRunConfig`."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_train_config(compose(config_name="train", overrides=list(overrides)))

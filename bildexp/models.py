@@ -7,14 +7,13 @@ decoder-only. Loading errors become one-line `BildexpError`s that say what to do
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from bildexp import PROJECT_ROOT, BildexpError
+from bildexp import PROJECT_ROOT, BildexpError, hub_offline
 from bildexp.cache import StaticDecoder, bucket
 from bildexp.config import PairConfig
 
@@ -96,14 +95,10 @@ def resolve_path(name: str) -> str:
     return str(build() / role)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _load_error(name: str, what: str, err: Exception) -> BildexpError:
     if Path(name).exists():
         return BildexpError(f"cannot load {what} from folder {name}: {str(err).splitlines()[0]}")
-    if _offline():
+    if hub_offline():
         hint = "the HF hub is off (HF_HUB_OFFLINE=1)"
     else:
         hint = "the HF hub is unreachable or the id is wrong"
@@ -155,6 +150,29 @@ def first_layers(model: PreTrainedModel, n: int) -> PreTrainedModel:
     return draft
 
 
+def resize_to_tokenizer(model: PreTrainedModel, n: int) -> None:
+    """Keep the first n rows of the input embeddings and of the LM head: what the official BiLD code's
+    `resize_token_embeddings(len(tokenizer))` does to the kssteven checkpoints (mT5: 250,112 rows to 250,100
+    tokens; T5: 32,128 to 32,100), so that every softmax the fallback and rollback rules read covers the
+    tokenizer's tokens only. Not transformers' resize_token_embeddings: in transformers 5 it ties an mT5
+    checkpoint's own head to the input embeddings (its config forces tie_word_embeddings)."""
+    inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = head.weight.shape[0]
+    if n > rows:
+        raise BildexpError(f"pair.resize_to_tokenizer: the tokenizer has {n} tokens but {model.name_or_path} only {rows} "
+                           f"vocabulary rows; use the model's own tokenizer or pair.resize_to_tokenizer=false")
+    if n == rows:
+        return
+    tied = head.weight is inputs.weight
+    embedding = torch.nn.Embedding(n, inputs.weight.shape[1], device=inputs.weight.device, dtype=inputs.weight.dtype)
+    embedding.weight.data = inputs.weight.data[:n].clone()
+    model.set_input_embeddings(embedding)
+    new_head = torch.nn.Linear(head.weight.shape[1], n, bias=False, device=head.weight.device, dtype=head.weight.dtype)
+    new_head.weight = embedding.weight if tied else torch.nn.Parameter(head.weight.data[:n].clone())
+    model.set_output_embeddings(new_head)
+    model.config.vocab_size = n
+
+
 def _vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -203,6 +221,8 @@ def load_pair(cfg: PairConfig) -> ModelPair:
                 raise BildexpError(f"model folder {name} of pair {cfg.name} not found: build it with `{cfg.build}`")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.large)
     large = load_model(cfg.large, dtype, device)
+    if cfg.resize_to_tokenizer:
+        resize_to_tokenizer(large, len(tokenizer))
     n = cfg.early_exit.small_layers
     if n is not None:  # one model; its first n layers are the small one
         from bildexp.layerwise import decoder_layers
@@ -214,6 +234,8 @@ def load_pair(cfg: PairConfig) -> ModelPair:
         pair.small_layers = n
         return pair
     small = load_model(cfg.small, dtype, device)
+    if cfg.resize_to_tokenizer:
+        resize_to_tokenizer(small, len(tokenizer))
     check_vocabularies(cfg, large, small, tokenizer)
     pair = assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
     if cfg.cache == "static":

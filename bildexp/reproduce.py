@@ -79,22 +79,38 @@ def plan(experiment: str) -> tuple[object, list[list[str]]]:
     return cfg, sweeps
 
 
-def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = ()) -> list[dict]:
-    """Every sweep of the artifact in tiny mode, in this process; returns the rows (one per distinct run)."""
+def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = (), rehearse: bool = False) -> list[dict]:
+    """Every sweep of the artifact in tiny mode, in this process; returns the rows (one per distinct run).
+    rehearse: the paper's own pairs and hub data instead of the tiny pairs (`reproduce.rehearse`), after the
+    prepare commands shrunk by `reproduce.rehearse_prepare`; for a stand-in HF hub cache (tests/hub_standin.py)."""
     from bildexp.config import compose_config
     from bildexp.models import PairCache
     from bildexp.runner import run
 
     cfg, sweeps = plan(experiment)
-    tiny = [*cfg.reproduce.tiny, f"runner.output_dir={output_dir}", "runner.progress=false", *extra]
+    shrink = [*(cfg.reproduce.rehearse if rehearse else cfg.reproduce.tiny), f"runner.output_dir={output_dir}",
+              "runner.progress=false", *extra]
+    if rehearse:
+        for command in cfg.reproduce.prepare:
+            prepare_in_process(shlex.split(command), cfg.reproduce.rehearse_prepare)
     pairs = PairCache()
     rows: dict[str, dict] = {}
     for sweep in sweeps:
         for point in expand(sweep, ends_only=True):
-            point_cfg = compose_config(*with_tiny(point, tiny))
+            point_cfg = compose_config(*with_tiny(point, shrink))
             row = run(point_cfg, pairs)
             rows[row["run_id"]] = row
     return list(rows.values())
+
+
+def prepare_in_process(command: list[str], shrink: list[str]) -> Path:
+    """One `bildexp train ...` prepare command, run here with `shrink`'s overrides replacing its own."""
+    from bildexp.config import compose_train_config
+    from bildexp.train import train
+
+    if not command or command[0] != "train":
+        raise BildexpError(f"cannot rehearse prepare command `{shlex.join(command)}`: only `train` commands run in process")
+    return train(compose_train_config(*with_tiny(command[1:], shrink)), "bildexp " + shlex.join(command))
 
 
 def run_sweeps(experiment: str, extra: list[str], dry_run: bool = False) -> int:

@@ -6,6 +6,7 @@ timing, detokenization, scoring, the result files, the progress bar and the prin
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 
@@ -58,6 +59,7 @@ def summarize(records: list[dict]) -> dict[str, object]:
 
 def policy_rates(sums: dict[str, int]) -> dict[str, object]:
     """Derived columns of the policies that report the counters they need."""
+    sums = collections.Counter(sums)  # a counter no example incremented reads 0 (PPD never adopting: no ppd_adopted)
     rates: dict[str, object] = {}
     if sums.get("drafts"):  # speculative: vLLM's definitions
         rates["acceptance_rate"] = sums["accepted_tokens"] / max(sums["drafted_tokens"], 1)

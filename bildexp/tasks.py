@@ -7,15 +7,16 @@ limits and the headline metric. Every loaded task reports which source and split
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bildexp import PROJECT_ROOT, BildexpError
+from bildexp import PROJECT_ROOT, BildexpError, hub_offline
 from bildexp.config import TaskConfig
 from bildexp.models import ModelPair
 from bildexp.policies import Prompt
@@ -31,7 +32,7 @@ class Example:
 @dataclass
 class TaskData:
     examples: list[Example]
-    data_source: str  # e.g. "local:iwslt2017_de_en/tst2017.jsonl", "hub:iwslt2017/iwslt2017-de-en", "builtin:toy"
+    data_source: str  # e.g. "local:iwslt2017_de_en/tst2017.jsonl", "hub:IWSLT/iwslt2017@refs/convert/parquet:iwslt2017-de-en", "builtin:toy"
     split: str
 
 
@@ -56,23 +57,83 @@ def read_jsonl(path: Path) -> list[Example]:
     return examples
 
 
-def _field(row: dict, dotted: str) -> str:
-    for part in dotted.split("."):
-        row = row[part]
-    return row  # type: ignore[return-value]
+def _field(row: dict, path: str) -> str:
+    """A dotted path into a hub row ("translation.de", "answers.text.0"), or a template of such paths."""
+    if "{" in path:
+        return re.sub(r"\{([^{}]+)\}", lambda m: _field(row, m.group(1)), path)
+    value: object = row
+    for part in path.split("."):
+        value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]  # type: ignore[index]
+    return value  # type: ignore[return-value]
 
 
-def load_hub(cfg: TaskConfig) -> list[Example]:
+def _field_names(path: str) -> list[str]:
+    return re.findall(r"\{([^{}]+)\}", path) if "{" in path else [path]
+
+
+def hub_split_files(cfg: TaskConfig, split: str) -> dict[str, list[str]]:
+    """The parquet files of each split named in `split` (a split expression: "train[:10%]+validation"),
+    fetched into the huggingface_hub cache (or found there offline) at cfg.hub_revision."""
+    from huggingface_hub import snapshot_download
+
+    names = list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+")))
+    config = cfg.hub_config or "default"
+    patterns = {name: cfg.hub_files.format(config=config, split=name) for name in names}
+    where = f"dataset {cfg.hub_dataset} at revision {cfg.hub_revision}"
+    try:
+        folder = Path(snapshot_download(cfg.hub_dataset, repo_type="dataset", revision=cfg.hub_revision,
+                                        allow_patterns=list(patterns.values())))
+    except Exception as err:  # huggingface_hub raises many types (RepositoryNotFound, RevisionNotFound, LocalEntryNotFound, ...)
+        if hub_offline():
+            fix = "the HF hub is off (HF_HUB_OFFLINE=1): download it on a machine with network access into this HF cache, or pass task.data_file=PATH to a local JSONL"
+        else:
+            fix = "check task.hub_dataset and task.hub_revision, and the network, or pass task.data_file=PATH to a local JSONL"
+        raise BildexpError(f"cannot fetch {where} ({type(err).__name__}): {fix}") from None
+    files = {name: sorted(str(f) for f in folder.glob(pattern)) for name, pattern in patterns.items()}
+    for name, found in files.items():
+        if not found:
+            raise BildexpError(
+                f"{where} has no files {patterns[name]}: config {config!r} or split {name!r} is wrong "
+                f"(set task.hub_config / task.split / task.hub_files)"
+            )
+    return files
+
+
+def load_hub(cfg: TaskConfig, split: str | None = None) -> tuple[list[Example], int]:
+    """The rows of cfg.split (or `split`) from the hub's parquet files → (examples, empty rows dropped)."""
     import datasets
 
-    try:
-        ds = datasets.load_dataset(cfg.hub_dataset, cfg.hub_config, split=cfg.split)
-    except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ...)
-        raise BildexpError(
-            f"cannot load dataset {cfg.hub_dataset} ({cfg.hub_config}, {cfg.split}) from the HF hub: "
-            f"{type(err).__name__}; without network pass task.data_file=PATH to a local JSONL"
-        ) from None
-    return [Example(str(row.get("id", i)), _field(row, cfg.source_field), _field(row, cfg.target_field)) for i, row in enumerate(ds)]
+    split = split or cfg.split
+    files = hub_split_files(cfg, split)
+    ds = datasets.load_dataset("parquet", data_files=files, split=split)
+    for path in (cfg.source_field, cfg.target_field):
+        missing = [f for f in _field_names(path) if f.split(".")[0] not in ds.column_names]
+        if missing:
+            raise BildexpError(f"dataset {cfg.hub_dataset} ({split}) has no field {missing[0]!r}: its columns are "
+                               f"{', '.join(ds.column_names)} (set task.source_field / task.target_field)")
+    examples, dropped = [], 0
+    for i, row in enumerate(ds):
+        try:
+            source, reference = _field(row, cfg.source_field), _field(row, cfg.target_field)
+        except (KeyError, IndexError, TypeError):
+            raise BildexpError(f"dataset {cfg.hub_dataset} ({split}) row {i} lacks {cfg.source_field} or {cfg.target_field}: "
+                               f"set task.source_field / task.target_field") from None
+        if cfg.drop_empty and not (source.strip() and reference.strip()):
+            dropped += 1
+            continue
+        examples.append(Example(str(row.get("id", i)), source, reference))
+    return examples, dropped
+
+
+def _hub_data(cfg: TaskConfig, split: str) -> TaskData:
+    examples, dropped = load_hub(cfg, split)
+    config = cfg.hub_config or "default"
+    source = f"hub:{cfg.hub_dataset}@{cfg.hub_revision}:{config}" + (f" ({dropped} empty dropped)" if dropped else "")
+    full = split == cfg.split and "[" not in split
+    if full and cfg.hub_rows is not None and len(examples) + dropped != cfg.hub_rows:
+        print(f"bildexp: note: {cfg.hub_dataset} {config}/{split} has {len(examples) + dropped} rows; the paper's split has "
+              f"{cfg.hub_rows}", file=sys.stderr)
+    return TaskData(examples, source, split)
 
 
 def load_train(cfg: TaskConfig, limit: int | None = None) -> TaskData:
@@ -88,8 +149,7 @@ def load_train(cfg: TaskConfig, limit: int | None = None) -> TaskData:
         elif cfg.hub_dataset is None or cfg.data_source == "local":
             raise BildexpError(f"task {cfg.name} has no training data here: pass train.data_file=PATH to a JSONL")
         else:
-            hub = dataclasses.replace(cfg, split=cfg.train_split)
-            data = TaskData(load_hub(hub), f"hub:{cfg.hub_dataset}/{cfg.hub_config}", cfg.train_split)
+            data = _hub_data(cfg, cfg.train_split)
     data.examples = data.examples[:limit] if limit is not None else data.examples
     return data
 
@@ -113,7 +173,7 @@ def load_task(cfg: TaskConfig, limit: int | None = None) -> TaskData:
         elif cfg.hub_dataset is None:
             raise BildexpError(f"task {cfg.name} has neither a local file nor a hub dataset: pass task.data_file=PATH")
         else:
-            data = TaskData(load_hub(cfg), f"hub:{cfg.hub_dataset}/{cfg.hub_config}", cfg.split)
+            data = _hub_data(cfg, cfg.split)
     if not data.examples:
         raise BildexpError(f"task {cfg.name}: {data.data_source} holds no examples")
     if limit is not None:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from bildexp import PROJECT_ROOT
+from bildexp.config import compose_config
 from bildexp.cost import ModelCost, run_cost
 from bildexp.figures import make_figures
 from bildexp.reproduce import artifacts, expand, plan, run_tiny, with_tiny
@@ -31,14 +32,17 @@ def test_every_artifact_has_both_variants():
             assert f"bildexp reproduce experiment={name}/{variant}" in path.read_text(), f"{path} is not headed by its command"
 
 
+OFFLINE = [a for a in artifacts() if a.endswith("/offline")]
+
+
 @pytest.fixture(scope="module")
 def tiny_results(tmp_path_factory):
-    """One tiny-mode output folder per variant, filled artifact by artifact as the tests ask."""
-    dirs = {v: tmp_path_factory.mktemp(f"tiny_{v}") for v in ("offline", "paper")}
+    """One tiny-mode output folder for the offline variants, filled artifact by artifact as the tests ask (the
+    paper variants run on a stand-in hub instead: tests/test_hub_route.py)."""
+    folder = tmp_path_factory.mktemp("tiny_offline")
     rows: dict[str, list[dict]] = {}
 
     def get(experiment: str) -> tuple[Path, list[dict]]:
-        folder = dirs[experiment.split("/")[1]]
         if experiment not in rows:
             rows[experiment] = run_tiny(experiment, folder)
         return folder, rows[experiment]
@@ -46,33 +50,47 @@ def tiny_results(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("experiment", artifacts())
-def test_artifact_runs_in_tiny_mode(experiment, tiny_results):
-    """Every sweep of every artifact config composes, validates and runs on the tiny pairs (no config rots)."""
+def assert_every_sweep_ran(experiment: str, rows: list[dict], shrink: str = "tiny") -> None:
+    """Each sweep of the artifact contributed a run of its policy."""
     cfg, sweeps = plan(experiment)
-    _, rows = tiny_results(experiment)
     assert rows and all(r["n_examples"] >= 1 for r in rows)
-    for sweep in sweeps:  # each sweep contributed a run of its policy
-        point = with_tiny(expand(sweep, ends_only=True)[0], cfg.reproduce.tiny)
+    for sweep in sweeps:
+        point = with_tiny(expand(sweep, ends_only=True)[0], getattr(cfg.reproduce, shrink))
         policy = next((o.split("=", 1)[1] for o in point if o.startswith("policy=")), None)
         if policy:
             assert any(r["policy"] == policy for r in rows), f"no {policy} run from {sweep}"
 
 
-@pytest.mark.parametrize("variant", ["offline", "paper"])
-def test_figures_from_every_tiny_artifact(variant, tiny_results, tmp_path):
-    """`bildexp figures` on a variant's CSVs (here from tiny runs: degenerate scores, several tasks for the
-    paper variant) writes every artifact's files."""
-    folder = None
-    for experiment in artifacts():
-        if experiment.endswith(f"/{variant}"):
-            folder, _ = tiny_results(experiment)
-    names = {p.name for p in make_figures(folder, tmp_path)}
+@pytest.mark.parametrize("experiment", OFFLINE)
+def test_artifact_runs_in_tiny_mode(experiment, tiny_results):
+    """Every sweep of every offline artifact config composes, validates and runs on the tiny pairs (no config rots)."""
+    assert_every_sweep_ran(experiment, tiny_results(experiment)[1])
+
+
+@pytest.mark.parametrize("experiment", [a for a in artifacts() if a.endswith("/paper")])
+def test_paper_artifact_composes_in_tiny_mode(experiment):
+    """`bildexp reproduce experiment=<artifact>/paper --tiny` composes every sweep's points (they run on the
+    stand-in hub in test_hub_route.py)."""
+    cfg, sweeps = plan(experiment)
+    for sweep in sweeps:
+        for point in expand(sweep, ends_only=True):
+            assert compose_config(*with_tiny(point, cfg.reproduce.tiny)).pair.name
+
+
+def check_figures(folder: Path, out: Path) -> None:
+    """`bildexp figures` on a variant's CSVs (from tiny runs: degenerate scores) writes every artifact's files."""
+    names = {p.name for p in make_figures(folder, out)}
     for stem in ("bild_fig2", "bild_fig4", "bild_fig5", "bild_fig8", "bild_fig10", "ppd_fig2_4"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names, stem
     for stem in ("bild_table1", "bild_table3_4", "bild_table5", "ppd_table1", "ppd_latency"):
         assert {f"{stem}.md", f"{stem}.tex"} <= names, stem
     assert "bild_fig9.html" in names
+
+
+def test_figures_from_every_tiny_artifact(tiny_results, tmp_path):
+    for experiment in OFFLINE:
+        folder, _ = tiny_results(experiment)
+    check_figures(folder, tmp_path)
 
 
 def test_expand_and_tiny_overrides():

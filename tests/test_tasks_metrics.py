@@ -46,7 +46,7 @@ def test_paper_tasks_use_shared_data_offline(task, split):
 
 def test_hub_offline_is_one_line(tmp_path):
     cfg = make_config("task=iwslt", "task.data_source=hub").task
-    with pytest.raises(BildexpError, match="without network pass task.data_file") as err:
+    with pytest.raises(BildexpError, match="pass task.data_file=PATH") as err:
         load_task(cfg)
     assert "\n" not in str(err.value)
 
