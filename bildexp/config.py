@@ -61,6 +61,11 @@ class TaskConfig:
     max_new_tokens: int = 128
     # Headline metric of the task (a name registered in bildexp.metrics).
     metric: str = "bleu"
+    # Which scoring becomes headline_score: standard (the field's: references as given, ROUGE with stemming) or
+    # paper (the pipeline behind the paper's numbers: references round-tripped through the tokenizer at
+    # reference_tokens, ROUGE without stemming on NLTK sentences). Every row carries both (bildexp/metrics.py).
+    scoring: str = "standard"
+    reference_tokens: int = 128
 
 
 @dataclass
@@ -310,6 +315,7 @@ _CHOICES = {
     "pair.cache": ("dynamic", "static"),
     "pair.compile": COMPILE_MODES,
     "task.data_source": ("auto", "local", "hub", "builtin"),
+    "task.scoring": ("standard", "paper"),
 }
 
 

@@ -38,7 +38,7 @@ _NOT_IN_ID = {"output_dir", "force", "progress", "build"}
 # Added after results existed: left out of the run id's hash at these defaults, so that earlier runs keep their ids.
 _ID_DEFAULTS = {"cache": "dynamic", "compile": "none", "freeze": False, "resize_to_tokenizer": False,
                 "hub_revision": "refs/convert/parquet", "hub_files": "{config}/{split}/*.parquet", "hub_rows": None,
-                "drop_empty": False, "scoring": "standard"}
+                "drop_empty": False, "scoring": "standard", "reference_tokens": 128}
 # Section-level `name` fields become these columns.
 _NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
 

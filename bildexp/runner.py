@@ -111,6 +111,7 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         return done_row
 
     started = time.perf_counter()
+    metrics.check_scoring(cfg.task.scoring, cfg.task.metric)
     threads, data, pair, prompts = prepare(cfg, pairs)
     policy = make_policy(cfg.policy)
 
@@ -150,15 +151,20 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
 
     order = {ex.id: i for i, ex in enumerate(data.examples)}
     records.sort(key=lambda r: order[r["id"]])
-    scores = metrics.score(cfg.task.metric, [r["hypothesis"] for r in records], [r["reference"] for r in records])
+    hyps, refs = [r["hypothesis"] for r in records], [r["reference"] for r in records]
+    scores = metrics.score(cfg.task.metric, hyps, refs)
+    paper = metrics.paper_score(cfg.task.metric, hyps, refs, pair.tokenizer, cfg.task.reference_tokens)
+    if f"paper_{cfg.task.metric}" not in paper:
+        print(f"{rid}: paper_{cfg.task.metric} not computed: {metrics.punkt_missing()}", file=sys.stderr)
     row = {
         "run_id": rid,
         **config_columns(cfg),
         "data": data.data_source,
         "data_split": data.split,
         "headline_metric": cfg.task.metric,
-        "headline_score": scores[cfg.task.metric],
+        "headline_score": paper[f"paper_{cfg.task.metric}"] if cfg.task.scoring == "paper" else scores[cfg.task.metric],
         **scores,
+        **paper,
         **(summary := summarize(records)),
         **run_cost(summary, {"large": pair.large, "small": pair.small}),
         **provenance(pair.device, cfg.pair.dtype, threads),

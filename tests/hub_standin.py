@@ -114,6 +114,16 @@ def _model(kind: str, layers: int, vocab: int, tok, seed: int):
     return state, {**config_dict, **extra, "transformers_version": "4.25.0.dev0"}
 
 
+def punkt(folder: Path) -> Path:
+    """An untrained NLTK punkt_tab model (empty parameter files: it splits after . ! ? followed by a capital or
+    space), standing in for the one `python -m nltk.downloader punkt_tab` fetches; `folder` goes on NLTK's path."""
+    english = folder / "tokenizers" / "punkt_tab" / "english"
+    english.mkdir(parents=True, exist_ok=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (english / name).touch()
+    return folder
+
+
 def build(cache: Path) -> dict[str, list[str]]:
     """Fill `cache` (an HF_HUB_CACHE folder) → what it holds: {"models": [...], "datasets": [...]}."""
     from bildexp.toy import toy_examples

@@ -32,17 +32,20 @@ HUB_TASKS = ["iwslt", "wmt", "xsum", "cnndm", "cnndm_ppd", "wmt15_enfr", "squad"
 @pytest.fixture(scope="module")
 def standin_hub(tmp_path_factory):
     """The stand-in cache, named by HF_HUB_CACHE for subprocesses and by huggingface_hub's constant in this
-    process (read at import); the datasets library's arrow cache in a scratch folder too."""
+    process (read at import); the datasets library's arrow cache in a scratch folder too; and a stand-in for
+    NLTK's punkt model (the paper variants score CNN/DM's ROUGE-Lsum on its sentences)."""
     import datasets.config
     import huggingface_hub.constants
+    import nltk
 
     cache = tmp_path_factory.mktemp("hf_hub")
     held = hub_standin.build(cache)
-    saved = (huggingface_hub.constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE)
+    saved = (huggingface_hub.constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE, list(nltk.data.path))
     huggingface_hub.constants.HF_HUB_CACHE = str(cache)
     datasets.config.HF_DATASETS_CACHE = str(tmp_path_factory.mktemp("hf_datasets"))
+    nltk.data.path.insert(0, str(hub_standin.punkt(tmp_path_factory.mktemp("nltk_data"))))
     yield cache, held
-    huggingface_hub.constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE = saved
+    huggingface_hub.constants.HF_HUB_CACHE, datasets.config.HF_DATASETS_CACHE, nltk.data.path[:] = saved
 
 
 @pytest.mark.parametrize("task", HUB_TASKS)
@@ -116,6 +119,7 @@ def test_bildexp_run_iwslt_bild_walks_the_hub_route(standin_hub, tmp_path):
     row = json.loads(next((tmp_path / "runs").glob("*/*/row.json")).read_text())
     assert row["data"] == "hub:IWSLT/iwslt2017@refs/convert/parquet:iwslt2017-de-en" and row["data_split"] == "validation"
     assert row["pair"] == "mt5_iwslt" and row["large"] == "kssteven/mT5-large-iwslt2017-de-en" and row["n_examples"] == 2
+    assert row["scoring"] == "standard" and row["headline_score"] == row["bleu"] and "paper_bleu" in row
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +148,9 @@ def test_paper_artifact_rehearses_the_hub_route(experiment, rehearsals):
     assert_every_sweep_ran(experiment, rows, "rehearse")
     assert all(r["n_examples"] == 2 and str(r["data"]).startswith("hub:") for r in rows), [r["data"] for r in rows]
     assert not any(str(r["large"]).startswith("builtin:") for r in rows)
+    if experiment.startswith("bild_"):  # scored as the paper's pipeline scores, sources cut as its code cuts them
+        assert all(r["scoring"] == "paper" and r["headline_score"] == r[f"paper_{r['headline_metric']}"]
+                   and r["max_source_tokens"] == 1024 for r in rows)
 
 
 def test_fig10_paper_runs_fig4_table1s_sweeps():

@@ -99,3 +99,43 @@ def test_decoder_only_prompt_uses_chat_template_when_present(toy_examples):
     pair.tokenizer = tok
     chat, _ = encode(toy_examples[0], cfg, pair)
     assert tok.decode(chat.decoder_prefix) == f"<|user|>Translate: {toy_examples[0].source}<|assistant|>"
+
+
+def test_paper_scoring_round_trips_references_and_does_not_stem(tiny_pair):
+    """The paper's pipeline: references cut at reference_tokens by the pair's tokenizer; ROUGE without stemming."""
+    from bildexp.metrics import paper_score, round_trip
+
+    tok = tiny_pair.tokenizer
+    long_ref = "the fox remembers my window across every green river and the river remembers the fox"
+    cut = round_trip([long_ref, "a b"], tok, 6)
+    assert cut[1] == "a b" and long_ref.startswith(cut[0]) and len(tok(cut[0]).input_ids) <= 6 < len(tok(long_ref).input_ids)
+    assert score("rouge1", ["dogs running"], ["dog runs"])["rouge1"] == pytest.approx(100.0)  # stemmed
+    assert paper_score("rouge1", ["dogs running"], ["dog runs"], tok, 128)["paper_rouge1"] == 0.0  # not stemmed
+    full = paper_score("bleu", [long_ref], [long_ref], tok, 128)["paper_bleu"]
+    assert full == pytest.approx(100.0) and paper_score("bleu", [long_ref], [long_ref], tok, 6)["paper_bleu"] < 100
+
+
+def test_paper_rouge_lsum_needs_punkt_and_says_so(monkeypatch, tiny_pair):
+    """Without NLTK's punkt the paper's ROUGE-Lsum is not computed (never replaced by another split), and a run
+    whose headline it is stops before decoding with one line."""
+    from bildexp import metrics
+
+    monkeypatch.setattr(metrics, "punkt_missing", lambda: "punkt is not installed (stand-in)")
+    assert "paper_rougeLsum" not in metrics.paper_score("rougeLsum", ["a b."], ["a b."], tiny_pair.tokenizer, 128)
+    with pytest.raises(BildexpError, match="task.scoring=paper scores rougeLsum on NLTK's sentences") as err:
+        metrics.check_scoring("paper", "rougeLsum")
+    assert "\n" not in str(err.value)
+    metrics.check_scoring("standard", "rougeLsum")
+    metrics.check_scoring("paper", "rougeL")
+
+
+@pytest.mark.parametrize("scoring", ["standard", "paper"])
+def test_rows_carry_both_scorings(scoring, tmp_path):
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    row = run(make_config("runner.limit=3", "runner.warmup=0", f"task.scoring={scoring}", f"runner.output_dir={tmp_path}",
+                          "runner.progress=false"), PairCache())
+    assert {"bleu", "paper_bleu"} <= row.keys() and row["scoring"] == scoring
+    assert row["headline_score"] == row["paper_bleu" if scoring == "paper" else "bleu"]
+
