@@ -32,10 +32,10 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def expand(sweep: list[str], ends_only: bool = False) -> list[list[str]]:
+def expand(sweep: list[str], ends_only: bool = False, first_only: bool = False) -> list[list[str]]:
     """Hydra multirun overrides → the list of single-run override lists (their cartesian product).
-    ends_only: each swept value axis (policy.fallback_threshold=...) keeps only its first and last values;
-    swept groups (task=, pair=, policy=) keep every choice, since each one must compose."""
+    ends_only: each swept value axis (policy.fallback_threshold=...) keeps only its first and last values
+    (first_only: its first); swept groups (task=, pair=, policy=) keep every choice, since each one must compose."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     axes = []
@@ -43,8 +43,8 @@ def expand(sweep: list[str], ends_only: bool = False) -> list[list[str]]:
         key = o.get_key_element()
         if o.is_sweep_override():
             values = list(o.sweep_string_iterator())
-            if ends_only and "." in key:
-                values = list(dict.fromkeys([values[0], values[-1]]))
+            if (ends_only or first_only) and "." in key:
+                values = list(dict.fromkeys([values[0]] if first_only else [values[0], values[-1]]))
         else:
             values = [o.get_value_element_as_str()]
         axes.append([f"{key}={v}" for v in values])
@@ -82,7 +82,8 @@ def plan(experiment: str) -> tuple[object, list[list[str]]]:
 def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = (), rehearse: bool = False) -> list[dict]:
     """Every sweep of the artifact in tiny mode, in this process; returns the rows (one per distinct run).
     rehearse: the paper's own pairs and hub data instead of the tiny pairs (`reproduce.rehearse`), after the
-    prepare commands shrunk by `reproduce.rehearse_prepare`; for a stand-in HF hub cache (tests/hub_standin.py)."""
+    prepare commands shrunk by `reproduce.rehearse_prepare`, each value axis at its first value only; for a
+    stand-in HF hub cache (tests/hub_standin.py)."""
     from bildexp.config import compose_config
     from bildexp.models import PairCache
     from bildexp.runner import run
@@ -96,7 +97,8 @@ def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = (), reh
     pairs = PairCache()
     rows: dict[str, dict] = {}
     for sweep in sweeps:
-        for point in expand(sweep, ends_only=True):
+        # A rehearsal walks the loading route: every task, pair and policy, each value axis at its first value.
+        for point in expand(sweep, ends_only=True, first_only=rehearse):
             point_cfg = compose_config(*with_tiny(point, shrink))
             row = run(point_cfg, pairs)
             rows[row["run_id"]] = row

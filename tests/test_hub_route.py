@@ -142,7 +142,7 @@ def rehearsals(standin_hub, tmp_path_factory):
 # bild_fig10/paper runs exactly bild_fig4_table1/paper's sweeps (Figure 10 is drawn from the same runs).
 @pytest.mark.parametrize("experiment", [a for a in PAPER if a != "bild_fig10/paper"])
 def test_paper_artifact_rehearses_the_hub_route(experiment, rehearsals):
-    """Every paper variant's prepare commands (shrunk) and sweeps (value axes cut to their ends) on the paper's
+    """Every paper variant's prepare commands (shrunk) and sweeps (value axes at their first value) on the paper's
     own hub pairs and data."""
     _, rows = rehearsals(experiment)
     assert_every_sweep_ran(experiment, rows, "rehearse")

@@ -139,3 +139,72 @@ def test_bild_early_exit_matches_the_reference(setup, fallback, rollback):
     early = dataclasses.replace(pair, small=pair.large, small_layers=1)
     total = compare_bild(early, prompts, first_layers(pair.large, 1), fallback_threshold=fallback, rollback_threshold=rollback)
     assert total["fallbacks"] > 0 and total["small_tokens"] > 0, total
+
+
+# ---- speculative sampling: the output distribution is the large model's own (Leviathan et al., Theorem 1) ----
+
+def target_dist(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The large model's sampling distribution, computed here (not by the policy): softmax(logits / T), then the
+    smallest set of top tokens whose mass reaches top_p, renormalised."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = torch.argsort(p, descending=True)
+    mass_before = torch.cumsum(p[order], 0) - p[order]
+    kept = torch.zeros_like(p)
+    kept[order[mass_before < top_p]] = p[order[mass_before < top_p]]
+    return kept / kept.sum()
+
+
+def two_token_target(pair, prompt, temperature: float, top_p: float) -> dict[tuple[int, ...], float]:
+    """P(first two generated tokens) under the large model alone (a first token that ends the sequence stands alone)."""
+    q1 = target_dist(next_token_logits(pair.large, pair, prompt, [])[0], temperature, top_p)
+    joint = {}
+    for x1 in torch.nonzero(q1).flatten().tolist():
+        if x1 in pair.eos_token_ids:
+            joint[(x1,)] = float(q1[x1])
+            continue
+        q2 = target_dist(next_token_logits(pair.large, pair, prompt, [x1])[1], temperature, top_p)
+        for x2 in torch.nonzero(q2).flatten().tolist():
+            joint[(x1, x2)] = float(q1[x1] * q2[x2])
+    return joint
+
+
+def chi_square_p(counts: Counter, target: dict, n: int) -> float:
+    """Pearson's goodness of fit of counts to target (cells expected < 5 pooled), its p-value by Wilson-Hilferty."""
+    import math
+
+    cells, pooled_obs, pooled_exp = [], 0, 0.0
+    for key, prob in target.items():
+        if n * prob >= 5:
+            cells.append((counts[key], n * prob))
+        else:
+            pooled_obs, pooled_exp = pooled_obs + counts[key], pooled_exp + n * prob
+    outside = n - sum(counts[k] for k in target)  # samples the target gives probability 0
+    cells.append((pooled_obs + outside, max(pooled_exp, 1e-9)))
+    stat, dof = sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+SAMPLES = 1000
+
+
+def test_speculative_sampling_is_distributed_as_the_large_model(setup):
+    """Window 1 (token 2 is then a residual or a bonus sample), temperature 2, top-p 0.6 (the tiny pairs are too
+    confident to spread otherwise): the first two tokens' frequencies over many seeds fit the large model's own
+    distribution (computed above, independently of the policy), and the same samples' first tokens reject two near
+    misses (temperature applied twice; no nucleus filter), so the test can tell them apart. Checked by hand: a
+    policy with the temperature applied twice, a residual |q - p| instead of max(q - p, 0), or a greedy bonus
+    token fails the fit (p < 1e-60)."""
+    pair, prompts = setup
+    if pair.is_encoder_decoder:
+        pytest.skip("one pair suffices: 1000 sampled decodes of tiny_t5 cost 13 s of the CI budget")
+    prompt, knobs = prompts[0], dict(temperature=2.0, top_p=0.6)
+    policy = make_policy(PolicyConfig(name="speculative", sampling=True, num_draft_tokens=1, **knobs))
+    counts = Counter(tuple(policy.decode(pair, prompt, 2, seed=s).tokens) for s in range(SAMPLES))
+    target = two_token_target(pair, prompt, **knobs)
+    assert len(target) >= 4, "the target should spread over several token pairs"
+    assert chi_square_p(counts, target, SAMPLES) > 1e-3
+    first = Counter(tokens[:1] for tokens in counts.elements())
+    for wrong in (dict(temperature=4.0, top_p=0.6), dict(temperature=2.0, top_p=1.0)):
+        q1 = target_dist(next_token_logits(pair.large, pair, prompt, [])[0], **wrong)
+        assert chi_square_p(first, {(x,): float(q1[x]) for x in torch.nonzero(q1).flatten().tolist()}, SAMPLES) < 1e-6
