@@ -115,7 +115,9 @@ class ModelState:
             if self._slice_logits:
                 logits = logits[-keep:]
         if self.meter is not None:
-            self._count_forward(k)
+            # The LM head ran on `keep` positions where the model takes logits_to_keep, else on all k.
+            head = keep if not (self.is_encoder_decoder or self._slice_logits or self.static is not None) else k
+            self._count_forward(k, head)
         self.length += k
         return logits
 
@@ -123,11 +125,13 @@ class ModelState:
         if self.meter is not None:
             self.meter[f"{self.role}_{key}"] += value
 
-    def _count_forward(self, k: int) -> None:
-        """The work of one forward pass of k tokens after `length` cached ones, in the units cost.py prices."""
+    def _count_forward(self, k: int, head: int) -> None:
+        """The work of one forward pass of k tokens after `length` cached ones, `head` of them through the LM head,
+        in the units cost.py prices."""
         c, s = self.length, self.source_len
         self._count("passes", 1)
         self._count("pass_tokens", k)
+        self._count("pass_head_tokens", head)
         self._count("pass_context", c)  # cached tokens whose keys and values are read
         self._count("pass_attention", k * c + k * (k + 1) // 2)  # causal query-key pairs
         if self.is_encoder_decoder:

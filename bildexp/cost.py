@@ -2,20 +2,22 @@
 the tokens each forward pass actually processed.
 
 `ModelState` meters every forward pass of a policy's models (counters <role>_passes, _pass_tokens,
-_pass_context, _pass_attention, _pass_cross_context, _pass_cross_attention, _encoder_runs, _encoder_tokens,
-_encoder_attention; role = large or small). Everything below
-is linear in those counters, so the sums over a run's examples price the whole run exactly under this
-model of a transformer decoder step of k new tokens after c cached ones (source length s):
+_pass_head_tokens, _pass_context, _pass_attention, _pass_cross_context, _pass_cross_attention, _encoder_runs,
+_encoder_tokens, _encoder_attention; role = large or small). Everything below is linear in those counters, so
+the sums over a run's examples price the whole run exactly under this model of a transformer decoder step of
+k new tokens after c cached ones (source length s), h of them through the LM head (h = k, or only the last
+`keep` positions where the model computes logits for those alone, e.g. `logits_to_keep`):
 
-  FLOPs  2 · k · (decoder + LM-head weights)            every weight is one multiply-add per token
-       + 4 · attention width · layers · query-key pairs  QKᵀ and the weighted sum of V, self and cross
-  bytes  weight bytes of the decoder and LM head          read once per forward pass, whatever k is
-       + 2 · kv width · layers · (c + k + s) · bytes      K and V read from the caches and written
+  FLOPs  2 · k · decoder layer weights + 2 · h · LM-head weights    one multiply-add per weight and token
+       + 4 · attention width · layers · query-key pairs               QKᵀ and the weighted sum of V, self and cross
+  bytes  weight bytes of the decoder layers and the LM head           read once per forward pass, whatever k is
+       + 2 · kv width · layers · (c + k + s) · bytes                  K and V read from the caches and written
 
-and, once per example and model, the encoder: 2 · s · encoder weights + its attention, its weights read
-once. Ignored: norms, softmax, activations between layers and the cross-attention K/V projection of the
-encoder output (computed once per example). Batch 1, as in the paper, is where the weight term dominates
-the bytes, which is what makes a k-token pass nearly as cheap as a 1-token one in time.
+and, once per example and model, the encoder and the cross-attention K/V projections of its output (T5's
+EncDecAttention k and v, computed once and cached, so not part of the decoder layer weights above):
+2 · s · (encoder weights + cross K/V weights) + the encoder's attention, those weights read once. Ignored:
+norms' arithmetic, softmax, activations between layers. Batch 1, as in the paper, is where the weight term
+dominates the bytes, which is what makes a k-token pass nearly as cheap as a 1-token one in time.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ ROLES = ("large", "small")
 
 @dataclass(frozen=True)
 class ModelCost:
-    decoder_weights: int  # decoder layer parameters + the LM head (embeddings are looked up, not multiplied)
+    decoder_weights: int  # decoder layer parameters, less the cross-attention K/V projections
+    head_weights: int  # the LM head (embeddings are looked up, not multiplied)
     encoder_weights: int  # 0 for decoder-only models
+    cross_kv_weights: int  # the decoder's cross-attention K/V projections (run once over the encoder output)
     layers: int
     encoder_layers: int
     attention_width: int  # heads x head size of the queries
@@ -47,21 +51,24 @@ class ModelCost:
             return None
         head = model.get_output_embeddings().weight.numel()
         layers = decoder_layers(model)
-        dec = sum(p.numel() for p in layers.parameters()) + head
+        dec = sum(p.numel() for p in layers.parameters())
         if cfg.is_encoder_decoder:  # T5, mT5
+            cross_kv = sum(p.numel() for name, p in layers.named_parameters() if name.split(".")[-2] in ("k", "v")
+                           and ".EncDecAttention." in f".{name}")
             enc = sum(p.numel() for p in model.get_encoder().block.parameters())
             width = cfg.num_heads * cfg.d_kv
-            return cls(dec, enc, len(layers), cfg.num_layers, width, width, model.dtype.itemsize)
+            return cls(dec - cross_kv, head, enc, cross_kv, len(layers), cfg.num_layers, width, width, model.dtype.itemsize)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return cls(dec, 0, len(layers), 0, cfg.num_attention_heads * head_dim, kv_heads * head_dim,
+        return cls(dec, head, 0, 0, len(layers), 0, cfg.num_attention_heads * head_dim, kv_heads * head_dim,
                    model.dtype.itemsize)
 
     def flops(self, counters: dict[str, int], role: str) -> float:
         c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
         attention = c("pass_attention") + c("pass_cross_attention")
-        decoder = 2 * c("pass_tokens") * self.decoder_weights + 4 * self.attention_width * self.layers * attention
-        encoder = 2 * c("encoder_tokens") * self.encoder_weights
+        decoder = 2 * c("pass_tokens") * self.decoder_weights + 2 * c("pass_head_tokens") * self.head_weights
+        decoder += 4 * self.attention_width * self.layers * attention
+        encoder = 2 * c("encoder_tokens") * (self.encoder_weights + self.cross_kv_weights)
         encoder += 4 * self.attention_width * self.encoder_layers * c("encoder_attention")
         return float(decoder + encoder)
 
@@ -69,7 +76,9 @@ class ModelCost:
         c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
         b = self.bytes_per_weight
         kv = 2 * self.kv_width * self.layers * (c("pass_context") + c("pass_tokens") + c("pass_cross_context")) * b
-        return float((c("passes") * self.decoder_weights + c("encoder_runs") * self.encoder_weights) * b + kv)
+        weights = c("passes") * (self.decoder_weights + self.head_weights)
+        weights += c("encoder_runs") * (self.encoder_weights + self.cross_kv_weights)
+        return float(weights * b + kv)
 
 
 def run_cost(counters: dict[str, int], models: dict[str, PreTrainedModel]) -> dict[str, float]:

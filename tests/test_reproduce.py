@@ -147,19 +147,61 @@ def test_merge_keeps_rows_only_in_the_csv(tmp_path):
 
 
 def test_cost_model_is_linear_in_the_metered_work(tiny_pair):
-    """One pass of k tokens after c cached ones: 2·k·weights + 4·width·layers·pairs FLOPs; the weights read once."""
+    """One pass of k tokens after c cached ones: 2·k·(layer weights) + 2·h·(head) + 4·width·layers·pairs FLOPs;
+    the weights read once."""
     cost = ModelCost.of(tiny_pair.large)
     k, c = 4, 10
-    counters = {"large_passes": 1, "large_pass_tokens": k, "large_pass_context": c, "large_pass_attention": k * c + k * (k + 1) // 2}
-    flops = 2 * k * cost.decoder_weights + 4 * cost.attention_width * cost.layers * counters["large_pass_attention"]
+    counters = {"large_passes": 1, "large_pass_tokens": k, "large_pass_head_tokens": k, "large_pass_context": c,
+                "large_pass_attention": k * c + k * (k + 1) // 2}
+    flops = 2 * k * (cost.decoder_weights + cost.head_weights) + 4 * cost.attention_width * cost.layers * counters["large_pass_attention"]
     assert cost.flops(counters, "large") == flops
-    weight_bytes = cost.decoder_weights * cost.bytes_per_weight
+    weight_bytes = (cost.decoder_weights + cost.head_weights) * cost.bytes_per_weight
     assert cost.memory_bytes(counters, "large") == weight_bytes + 2 * cost.kv_width * cost.layers * (c + k) * cost.bytes_per_weight
     # Doubling the passes of one token doubles the weight traffic; one pass of 2k tokens does not.
     one = run_cost({"large_passes": 1, "large_pass_tokens": 8}, {"large": tiny_pair.large})
     many = run_cost({"large_passes": 8, "large_pass_tokens": 8}, {"large": tiny_pair.large})
     assert many["memory_bytes"] > 7 * one["memory_bytes"] and many["flops"] == one["flops"]
     assert one["arithmetic_intensity"] > many["arithmetic_intensity"]
+
+
+def test_cost_of_a_hand_computed_t5_and_llama():
+    """Shapes counted by hand: T5's cross-attention K/V projections are priced once per example over the source
+    (not per decoder token), and a decoder-only prompt pass pays the LM head only for the kept position."""
+    from collections import Counter
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from bildexp.cache import ModelState
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=10, d_model=8, d_kv=4, num_heads=2, d_ff=16, num_layers=1,
+                                             relative_attention_num_buckets=32)).eval()
+    cost = ModelCost.of(t5)
+    # decoder layer: self q,k,v,o 4·64 + relative bias 32·2 + 3 norms 3·8 + cross q,o 2·64 + FFN 2·8·16; cross k,v 2·64
+    assert (cost.decoder_weights, cost.cross_kv_weights, cost.head_weights) == (256 + 64 + 24 + 128 + 256, 128, 80)
+    assert cost.encoder_weights == 256 + 64 + 16 + 256  # self-attention, relative bias, 2 norms, FFN
+    meter = Counter()
+    state = ModelState(t5, torch.tensor([[3, 4, 5, 6, 1]]), meter, "large")  # s = 5
+    state.advance(torch.tensor([[0]]))  # k = 1 after c = 0
+    state.advance(torch.tensor([[7, 8, 9]]), keep=3)  # k = 3 after c = 1
+    assert dict(meter) == {"large_encoder_runs": 1, "large_encoder_tokens": 5, "large_encoder_attention": 25,
+                           "large_passes": 2, "large_pass_tokens": 4, "large_pass_head_tokens": 4, "large_pass_context": 1,
+                           "large_pass_attention": 1 + (3 + 6), "large_pass_cross_context": 10, "large_pass_cross_attention": 5 + 15}
+    # 2·4·728 + 2·4·80 (decoder, head) + 4·8·1·(10 + 20) (self + cross attention) + 2·5·(592 + 128) + 4·8·1·25 (encoder)
+    assert cost.flops(meter, "large") == 5824 + 640 + 960 + 7200 + 800
+    # fp32: 2 passes x (728 + 80) + 1 encoder run x (592 + 128) weights; K/V 2·8·1·(1 + 4 + 10) entries
+    assert cost.memory_bytes(meter, "large") == 4 * (2 * 808 + 720) + 4 * 2 * 8 * 15
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    cost = ModelCost.of(llama)
+    # q 8·8 + k, v 2·8·4 + o 8·8 + MLP 3·8·16 + 2 norms 2·8; head 10·8 (untied)
+    assert (cost.decoder_weights, cost.head_weights, cost.kv_width) == (64 + 64 + 64 + 384 + 16, 80, 4)
+    meter = Counter()
+    ModelState(llama, None, meter, "large").advance(torch.tensor([[1, 2, 3, 4, 5, 6]]))  # a 6-token prompt, keep 1
+    assert meter["large_pass_tokens"] == 6 and meter["large_pass_head_tokens"] == 1
+    assert cost.flops(meter, "large") == 2 * 6 * 592 + 2 * 1 * 80 + 4 * 8 * 1 * 21
 
 
 def test_figures_from_the_committed_csvs_alone(tmp_path):
