@@ -127,29 +127,6 @@ def load_tokenizer(name: str):
         raise _load_error(path, "tokenizer", err) from None
 
 
-def first_layers(model: PreTrainedModel, n: int) -> PreTrainedModel:
-    """A copy of model keeping only its first n decoder layers (same embeddings, final norm and head).
-
-    Llama-family and GPT-2-style decoders and T5/MT5 decoders; the starting point of a cheap draft.
-    """
-    import copy
-
-    draft = copy.deepcopy(model)
-    if draft.config.is_encoder_decoder:
-        layers, key = draft.decoder.block, "num_decoder_layers"
-    elif hasattr(draft, "model") and hasattr(draft.model, "layers"):
-        layers, key = draft.model.layers, "num_hidden_layers"
-    elif hasattr(draft, "transformer") and hasattr(draft.transformer, "h"):
-        layers, key = draft.transformer.h, "n_layer"
-    else:
-        raise BildexpError(f"cannot slice the layers of a {type(model).__name__}: use a Llama-, GPT-2- or T5-style model")
-    if not 1 <= n <= len(layers):
-        raise BildexpError(f"cannot keep {n} of {len(layers)} decoder layers")
-    del layers[n:]
-    setattr(draft.config, key, n)
-    return draft
-
-
 def resize_to_tokenizer(model: PreTrainedModel, n: int) -> None:
     """Keep the first n rows of the input embeddings and of the LM head: what the official BiLD code's
     `resize_token_embeddings(len(tokenizer))` does to the kssteven checkpoints (mT5: 250,112 rows to 250,100

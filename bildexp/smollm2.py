@@ -74,7 +74,7 @@ def save_draft(large: Path, out: Path, n_layers: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bildexp.models import first_layers
+    from bildexp.layerwise import first_layers
 
     model = AutoModelForCausalLM.from_pretrained(large, dtype=torch.float32)
     first_layers(model, n_layers).save_pretrained(out)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from bildexp import BildexpError, file_sha256, metrics
 from bildexp.config import PolicyConfig, TrainRunConfig
 from bildexp.layerwise import ExitHeads, decoder_layers, exit_head
-from bildexp.models import assemble_pair, first_layers, load_model, load_tokenizer, resolve_device
+from bildexp.layerwise import first_layers
+from bildexp.models import assemble_pair, load_model, load_tokenizer, resolve_device
 from bildexp.policies import make_policy
 from bildexp.tasks import Example, TaskData, decode, encode, load_task, load_train, read_jsonl
 

@@ -28,7 +28,8 @@ import torch
 
 from bildexp.cache import ModelState, StaticDecoder
 from bildexp.config import COMPILE_MODES
-from bildexp.models import DTYPES, first_layers, load_model
+from bildexp.layerwise import first_layers
+from bildexp.models import DTYPES, load_model
 from bildexp.timing import synchronize
 
 BACKENDS = "dynamic, static, static-<pair.compile mode>[-frozen] (-frozen: pair.freeze=true)"

@@ -23,7 +23,8 @@ from bildexp.align import greedy_outputs, top1_agreement
 from bildexp.config import compose_config
 from bildexp.config import PairConfig
 from bildexp.layerwise import decoder_layers
-from bildexp.models import first_layers, load_pair
+from bildexp.layerwise import first_layers
+from bildexp.models import load_pair
 from bildexp.tasks import encode, load_task
 from bildexp.timing import apply_threads
 

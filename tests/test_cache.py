@@ -87,7 +87,7 @@ def test_cache_surgery_across_architectures(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "mt5"])
 def test_first_layers_is_a_working_shallower_model(arch):
-    from bildexp.models import first_layers
+    from bildexp.layerwise import first_layers
 
     model = _random_model(arch).eval()
     draft = first_layers(model, 1)

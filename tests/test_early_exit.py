@@ -17,7 +17,8 @@ from bildexp import BildexpError
 from bildexp.cache import ModelState
 from bildexp.config import PolicyConfig
 from bildexp.layerwise import LayerwiseDecoder, SharedLayers, decoder_layers
-from bildexp.models import first_layers, load_pair
+from bildexp.layerwise import first_layers
+from bildexp.models import load_pair
 from bildexp.policies import make_policy
 
 from conftest import make_config

@@ -173,3 +173,37 @@ def test_the_command_line_is_the_top_of_the_package():
             if any(n == "bildexp.cli" or n.startswith("bildexp.cli.") for n in names):
                 importers.append(path.name)
     assert not importers, f"modules importing bildexp.cli: {importers}"
+
+
+def test_bildexp_modules_import_each_other_without_circles():
+    """Every `import bildexp.X` / `from bildexp.X import ...` (at module level or inside functions) is an edge; the
+    graph has no cycle (issue 14: models and smollm2 imported each other; first_layers now lives in layerwise)."""
+    import ast
+    from pathlib import Path
+
+    import bildexp
+
+    root = Path(bildexp.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("bildexp", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        deps = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bildexp."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("bildexp."))
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != 1, "import circle: " + " -> ".join([*path, module, dep])
+            if dep not in state:
+                visit(dep, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert "bildexp.models" in graph and "bildexp.smollm2" in graph

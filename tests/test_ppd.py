@@ -54,7 +54,7 @@ def test_ppd_match_decodes_greedily_and_counts_exit_agreement(tiny_pair, toy_exa
     from bildexp.align import top1_agreement
     from bildexp.config import PolicyConfig
     from bildexp.layerwise import decoder_layers
-    from bildexp.models import first_layers
+    from bildexp.layerwise import first_layers
     from bildexp.policies import make_policy
 
     from conftest import make_config

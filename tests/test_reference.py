@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bildexp.config import PolicyConfig
-from bildexp.models import first_layers
+from bildexp.layerwise import first_layers
 from bildexp.policies import make_policy
 from bildexp.tasks import encode
 
