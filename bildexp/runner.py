@@ -18,6 +18,7 @@ from bildexp.config import Config
 from bildexp.cost import run_cost
 from bildexp.models import PairCache
 from bildexp.policies import make_policy
+from bildexp.policies.base import Policy
 from bildexp.results import RunFiles, config_columns, provenance, run_id
 from bildexp.tasks import decode, encode, load_task
 from bildexp.timing import Stopwatch, apply_threads
@@ -31,7 +32,8 @@ def example_seed(base: int, index: int) -> int:
     return base * 1_000_003 + index
 
 
-def summarize(records: list[dict]) -> dict[str, object]:
+def summarize(records: list[dict], derived_columns=Policy.derived_columns) -> dict[str, object]:
+    """Records of a run's examples → its summary columns; `derived_columns`: the policy's own (`Policy.derived_columns`)."""
     lat = np.array([r["latency_ms"] for r in records], dtype=float)
     # Every counter any policy reported, summed; the common ones always get a column (0 when absent).
     keys = list(SUM_COUNTERS) + sorted({k for r in records for k in r["counters"]} - set(SUM_COUNTERS))
@@ -53,28 +55,8 @@ def summarize(records: list[dict]) -> dict[str, object]:
     # Rates: fallbacks per small-model decision; rolled-back tokens per small token kept at first.
     row["fallback_rate"] = sums["fallbacks"] / sums["small_steps"] if sums["small_steps"] else 0.0
     row["rollback_rate"] = sums["tokens_rolled_back"] / sums["small_tokens"] if sums["small_tokens"] else 0.0
-    row.update(policy_rates(sums))
+    row.update(derived_columns(collections.Counter(sums)))
     return row
-
-
-def policy_rates(sums: dict[str, int]) -> dict[str, object]:
-    """Derived columns of the policies that report the counters they need."""
-    sums = collections.Counter(sums)  # a counter no example incremented reads 0 (PPD never adopting: no ppd_adopted)
-    rates: dict[str, object] = {}
-    if sums.get("drafts"):  # speculative: vLLM's definitions
-        rates["acceptance_rate"] = sums["accepted_tokens"] / max(sums["drafted_tokens"], 1)
-        rates["mean_accepted_length"] = 1 + sums["accepted_tokens"] / sums["drafts"]
-        by_pos = [sums.get(f"accepted_at_{i}", 0) / sums[f"drafted_at_{i}"] for i in range(1, 100) if sums.get(f"drafted_at_{i}")]
-        rates["acceptance_by_position"] = " ".join(f"{a:.3f}" for a in by_pos)
-    if sums.get("exits_total"):  # calm: layers counted from 1; exit at the last layer = no early exit
-        rates["mean_exit_layer"] = sums["exit_layer_sum"] / sums["exits_total"]
-        layers = sorted(int(k.rsplit("_", 1)[1]) for k in sums if k.startswith("exit_at_"))
-        rates["exit_layer_histogram"] = " ".join(f"{layer}:{sums[f'exit_at_{layer}']}" for layer in layers)
-    if sums.get("ppd_steps"):  # ppd: the match rate and Theorem 4.1's latency and compute at that rate
-        rates["ppd_match_rate"] = sums["ppd_adopted"] / max(sums["ppd_chances"], 1)
-        rates["theorem_latency_ratio"] = sums["critical_layers"] / sums["vanilla_layers"]
-        rates["theorem_compute_ratio"] = sums["layer_forwards"] / sums["vanilla_layers"]
-    return rates
 
 
 def prepare(cfg: Config, pairs: PairCache) -> tuple[int, object, object, list]:
@@ -165,7 +147,7 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
         "headline_score": paper[f"paper_{cfg.task.metric}"] if cfg.task.scoring == "paper" else scores[cfg.task.metric],
         **scores,
         **paper,
-        **(summary := summarize(records)),
+        **(summary := summarize(records, policy.derived_columns)),
         **run_cost(summary, {"large": pair.large, "small": pair.small}),
         **provenance(pair.device, cfg.pair.dtype, threads),
         **static,

@@ -159,6 +159,12 @@ class Policy:
     def done(self, seq: Sequence) -> bool:
         return seq.finished
 
+    @staticmethod
+    def derived_columns(sums: Counter) -> dict[str, object]:
+        """The row's columns this policy derives from its counters summed over a run's examples (a counter no
+        example incremented reads 0); the runner adds them to the row."""
+        return {}
+
     # Token choice, shared by all policies so that greedy and sampling mean the same everywhere.
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [..., V] → the temperature-scaled softmax [..., V] (no nucleus filter)."""

@@ -22,6 +22,7 @@ runs every layer. The pair's large model decodes; the small one is not used.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -34,6 +35,15 @@ class CALM(Policy):
 
     def begin(self, pair, prompt: Prompt) -> None:
         self.dec = LayerwiseDecoder(pair.large, prompt.encoder_input_ids)
+
+    @staticmethod
+    def derived_columns(sums: Counter) -> dict[str, object]:
+        """The mean exit layer (counted from 1; an exit at the last layer is no early exit) and its histogram."""
+        if not sums["exits_total"]:
+            return {}
+        layers = sorted(int(k.rsplit("_", 1)[1]) for k in sums if k.startswith("exit_at_"))
+        return {"mean_exit_layer": sums["exit_layer_sum"] / sums["exits_total"],
+                "exit_layer_histogram": " ".join(f"{layer}:{sums[f'exit_at_{layer}']}" for layer in layers)}
 
     def threshold(self, seq: Sequence) -> float:
         t = len(seq) - seq.prefix_len

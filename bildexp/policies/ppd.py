@@ -22,6 +22,7 @@ from a Python thread (not measured here: no GPU on this project's machines yet).
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -46,6 +47,15 @@ class PPD(Policy):
             raise BildexpError(f"policy.ppd_layer={self.dbar}: use a layer in [{d / 2:g}, {d - 1}] of this {d}-layer decoder (PPD needs d̄ >= d/2)")
         self.m = d - self.dbar
         self.ahead: torch.Tensor | None = None  # [1, 1, D]: the adopted candidate's state after layer m
+
+    @staticmethod
+    def derived_columns(sums: Counter) -> dict[str, object]:
+        """The match rate (adopted predictions per chance) and Theorem 4.1's latency and compute at that rate."""
+        if not sums["ppd_steps"]:
+            return {}
+        return {"ppd_match_rate": sums["ppd_adopted"] / max(sums["ppd_chances"], 1),
+                "theorem_latency_ratio": sums["critical_layers"] / sums["vanilla_layers"],
+                "theorem_compute_ratio": sums["layer_forwards"] / sums["vanilla_layers"]}
 
     def step(self, seq: Sequence) -> None:
         dec, d, dbar, m = self.dec, self.dec.n_layers, self.dbar, self.m

@@ -14,13 +14,15 @@ Phases of one step:
   commit   both caches are cut back to the accepted length and the large model's token is appended
            (unless the accepted draft already ended the sequence).
 
-Counters are named so that the runner derives vLLM's acceptance metrics (drafts, drafted_tokens,
+Counters are named so that `derived_columns` gives vLLM's acceptance metrics (drafts, drafted_tokens,
 accepted_tokens, drafted_at_i, accepted_at_i) and BiLD's Table-4 rates: every verification is a
 fallback (a hand-over to the large model) and every rejected draft token is rolled back, so
 fallback_rate = 1 / mean window and rollback_rate = 1 - acceptance_rate.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 
@@ -84,6 +86,19 @@ class Speculative(Policy):
         self.small.rollback(min(self.small.length, m))
         if not seq.finished:
             seq.append(token, LARGE)
+
+    @staticmethod
+    def derived_columns(sums: Counter) -> dict[str, object]:
+        """vLLM's definitions: acceptance rate = accepted / drafted tokens, mean acceptance length = 1 + accepted /
+        drafts, and the acceptance rate at each draft position."""
+        if not sums["drafts"]:
+            return {}
+        by_pos = [sums[f"accepted_at_{i}"] / sums[f"drafted_at_{i}"] for i in range(1, 100) if sums[f"drafted_at_{i}"]]
+        return {
+            "acceptance_rate": sums["accepted_tokens"] / max(sums["drafted_tokens"], 1),
+            "mean_accepted_length": 1 + sums["accepted_tokens"] / sums["drafts"],
+            "acceptance_by_position": " ".join(f"{a:.3f}" for a in by_pos),
+        }
 
     def count(self, k: int, n: int) -> None:
         """k drafted, n accepted in this window (positions are 1-based, as the runner reads them)."""
