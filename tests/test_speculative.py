@@ -244,3 +244,18 @@ def test_choose_samples_like_sample_token():
         policy.generator.manual_seed(seed)
         g.manual_seed(seed)
         assert policy.choose(logits) == sample_token(policy.probs(logits), 0.7, g)
+
+
+@pytest.mark.parametrize("vocab", [50, 5000])
+def test_top_nucleus_equals_the_full_sort_definition(vocab):
+    """The partial-sort nucleus (topk, widened as needed) keeps exactly the tokens a full sort keeps, peaked or flat."""
+    from bildexp.policies.base import nucleus
+
+    g = torch.Generator().manual_seed(vocab)
+    for scale in (0.3, 3.0, 10.0):
+        probs = torch.softmax(torch.randn(vocab, generator=g) * scale, -1)
+        for top_p in (0.3, 0.8, 0.95, 1.0):
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p if top_p < 1 else torch.ones(vocab, dtype=torch.bool)
+            expected = torch.zeros_like(probs).scatter(-1, order, torch.where(keep, sorted_p, 0.0))
+            torch.testing.assert_close(nucleus(probs, top_p), expected / expected.sum())

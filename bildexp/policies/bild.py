@@ -56,7 +56,7 @@ class BiLD(Policy):
         self.counters["small_steps"] += 1
         probs = self.probs(logits[-1])
         if float(probs.max()) > self.cfg.fallback_threshold:
-            seq.append(self.choose(logits[-1]), SMALL)
+            seq.append(self.choose(logits[-1], probs), SMALL)
             self.pending += 1
             self.counters["small_tokens"] += 1
         else:

@@ -37,7 +37,7 @@ class HFAssisted(Policy):
     def decode(self, pair, prompt: Prompt, max_new_tokens: int, seed: int = 0) -> Generation:
         if pair.small_layers is not None:
             raise BildexpError("policy=hf_assisted needs two separate models: early-exit pairs are not supported")
-        self.reset(seed)
+        self.reset(seed, pair.device)
         torch.manual_seed(seed)  # generate() samples from the global stream
         with self.pinned_assistant(pair.small), self.count_calls(pair.large):
             tokens = self.generate(pair, prompt, max_new_tokens)

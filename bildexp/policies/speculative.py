@@ -26,7 +26,7 @@ from collections import Counter
 
 import torch
 
-from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, model_states, sample
+from bildexp.policies.base import LARGE, SMALL, Policy, Prompt, Sequence, draw, model_states, nucleus, sample, sample_token, top_nucleus
 
 
 class Speculative(Policy):
@@ -55,9 +55,11 @@ class Speculative(Policy):
         for _ in range(self.cfg.num_draft_tokens):
             logits = self.small.advance(seq.span(self.small.length))[-1]  # [V]
             self.counters["small_steps"] += 1
-            if self.cfg.sampling:
-                dists.append(self.dist(logits).cpu())
-                seq.append(sample(dists[-1], self.generator), SMALL)
+            if self.cfg.sampling:  # one softmax and one partial sort; p stays on the device
+                probs = self.probs(logits)
+                kept, tokens = top_nucleus(probs, self.cfg.top_p)
+                seq.append(draw(kept, tokens, self.generator), SMALL)
+                dists.append(kept if tokens is None else torch.zeros_like(probs).scatter(-1, tokens, kept))
             else:
                 seq.append(int(logits.argmax()), SMALL)
             if seq.finished:  # eos drafted or max_new_tokens reached: nothing may follow
@@ -70,14 +72,16 @@ class Speculative(Policy):
             target = logits.argmax(-1).tolist()  # [k + 1]
             n = next((j for j, (d, t) in enumerate(zip(drafted, target)) if d != t), len(drafted))
             return n, target[n]
-        q = self.dist(logits).cpu()  # [k + 1, V]
+        probs = self.probs(logits)  # [k + 1, V], one softmax
         for j, x in enumerate(drafted):
+            q = nucleus(probs[j], self.cfg.top_p)
             # Accept iff r < q(x) / p(x), written without the division (p(x) > 0: x was drawn from p).
-            if float(torch.rand((), generator=self.generator)) * p[j, x] >= q[j, x]:
-                residual = (q[j] - p[j]).clamp(min=0)  # [V]
+            r = torch.rand((), generator=self.generator, device=self.generator.device)
+            if float(r * p[j, x]) >= float(q[x]):
+                residual = (q - p[j]).clamp(min=0)  # [V]
                 # An all-zero residual means q == p up to rounding, where a rejection is a rounding artefact.
-                return j, sample(residual if residual.sum() > 0 else q[j], self.generator)
-        return len(drafted), sample(q[-1], self.generator)
+                return j, sample(residual if residual.sum() > 0 else q, self.generator)
+        return len(drafted), sample_token(probs[-1], self.cfg.top_p, self.generator)
 
     def commit(self, seq: Sequence, m: int, token: int) -> None:
         """Keep the first m tokens (prefix + accepted draft) in seq and both caches, then add the large token."""
