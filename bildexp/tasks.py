@@ -41,20 +41,50 @@ def default_data_dir() -> Path:
     return Path(env) if env else PROJECT_ROOT.parent / "shared" / "data"
 
 
-def read_jsonl(path: Path) -> list[Example]:
+def read_jsonl(path: Path, drop_empty: bool = False) -> list[Example]:
+    """{"id", "source", "reference"} rows, one JSON object per line; any bad row is one line naming file:line.
+    drop_empty: skip rows with an empty source or reference (else an empty source is an error)."""
+    return _read_jsonl(path, drop_empty)[0]
+
+
+def local_data(path: Path, label: str, split: str, drop_empty: bool) -> TaskData:
+    """A local JSONL as TaskData; its source names the file and the empty rows dropped."""
+    examples, dropped = _read_jsonl(path, drop_empty)
+    return TaskData(examples, f"local:{label}" + (f" ({dropped} empty dropped)" if dropped else ""), split)
+
+
+def _read_jsonl(path: Path, drop_empty: bool) -> tuple[list[Example], int]:
     if not path.is_file():
         raise BildexpError(f"data file {path} not found: pass task.data_file=PATH to a JSONL of {{id, source, reference}} rows")
-    examples = []
+    examples, seen, dropped = [], {}, 0
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BildexpError(f"{where} is not valid JSON ({err.msg}, column {err.colno}): one {{id, source, reference}} object per line") from None
+            if not isinstance(row, dict):
+                raise BildexpError(f"{where} is a JSON {type(row).__name__}, not an object: rows must be {{id, source, reference}}")
             missing = {"id", "source", "reference"} - row.keys()
             if missing:
-                raise BildexpError(f"{path}:{line_no} lacks {', '.join(sorted(missing))}: rows must be {{id, source, reference}}")
-            examples.append(Example(str(row["id"]), row["source"], row["reference"]))
-    return examples
+                raise BildexpError(f"{where} lacks {', '.join(sorted(missing))}: rows must be {{id, source, reference}}")
+            for key in ("source", "reference"):
+                if not isinstance(row[key], str):
+                    raise BildexpError(f"{where}: {key} is {json.dumps(row[key])[:40]}, not a string")
+            if drop_empty and not (row["source"].strip() and row["reference"].strip()):
+                dropped += 1
+                continue
+            if not row["source"].strip():
+                raise BildexpError(f"{where}: the source is empty: drop the row, fill it, or set task.drop_empty=true")
+            example_id = str(row["id"])
+            if example_id in seen:
+                raise BildexpError(f"{where}: id {example_id!r} repeats line {seen[example_id]}: ids must be unique")
+            seen[example_id] = line_no
+            examples.append(Example(example_id, row["source"], row["reference"]))
+    return examples, dropped
 
 
 def _field(row: dict, path: str) -> str:
@@ -145,7 +175,7 @@ def load_train(cfg: TaskConfig, limit: int | None = None) -> TaskData:
     else:
         local = default_data_dir() / cfg.train_file if cfg.train_file else None
         if local is not None and local.is_file() and cfg.data_source != "hub":
-            data = TaskData(read_jsonl(local), f"local:{cfg.train_file}", "train")
+            data = local_data(local, cfg.train_file, "train", cfg.drop_empty)
         elif cfg.hub_dataset is None or cfg.data_source == "local":
             raise BildexpError(f"task {cfg.name} has no training data here: pass train.data_file=PATH to a JSONL")
         else:
@@ -157,7 +187,7 @@ def load_train(cfg: TaskConfig, limit: int | None = None) -> TaskData:
 def load_task(cfg: TaskConfig, limit: int | None = None) -> TaskData:
     """The task's evaluation examples."""
     if cfg.data_file is not None:
-        data = TaskData(read_jsonl(Path(cfg.data_file)), f"local:{cfg.data_file}", cfg.local_split or "file")
+        data = local_data(Path(cfg.data_file), cfg.data_file, cfg.local_split or "file", cfg.drop_empty)
     elif cfg.data_source == "builtin":
         from bildexp.toy import toy_examples
 
@@ -169,7 +199,7 @@ def load_task(cfg: TaskConfig, limit: int | None = None) -> TaskData:
         if use_local:
             if local is None:
                 raise BildexpError(f"task {cfg.name} has no local file: pass task.data_file=PATH")
-            data = TaskData(read_jsonl(local), f"local:{cfg.local_file}", cfg.local_split or "unknown")
+            data = local_data(local, cfg.local_file, cfg.local_split or "unknown", cfg.drop_empty)
         elif cfg.hub_dataset is None:
             raise BildexpError(f"task {cfg.name} has neither a local file nor a hub dataset: pass task.data_file=PATH")
         else:

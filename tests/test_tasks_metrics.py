@@ -139,3 +139,19 @@ def test_rows_carry_both_scorings(scoring, tmp_path):
     assert {"bleu", "paper_bleu"} <= row.keys() and row["scoring"] == scoring
     assert row["headline_score"] == row["paper_bleu" if scoring == "paper" else "bleu"]
 
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"id": 1, "source": "a", "reference": "b"}\n{"id": 2, "source": "a", "reference": \n', r"d.jsonl:2 is not valid JSON"),
+    ('{"id": 1, "source": "a", "reference": "b"}\n\n["a", "b"]\n', r"d.jsonl:3 is a JSON list, not an object"),
+    ('{"id": 1, "source": null, "reference": "b"}\n', r"d.jsonl:1: source is null, not a string"),
+    ('{"id": 1, "source": "a", "reference": 7}\n', r"d.jsonl:1: reference is 7, not a string"),
+    ('{"id": 1, "source": "  ", "reference": "b"}\n', r"d.jsonl:1: the source is empty"),
+    ('{"id": 1, "source": "a", "reference": "b"}\n{"id": "1", "source": "c", "reference": "d"}\n', r"d.jsonl:2: id '1' repeats line 1"),
+])
+def test_bad_jsonl_is_one_line_naming_file_and_line(tmp_path, line, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text(line)
+    with pytest.raises(BildexpError, match=message) as err:
+        load_task(make_config(f"task.data_file={f}").task)
+    assert "\n" not in str(err.value)
