@@ -80,11 +80,30 @@ def run_command(argv: list[str]) -> int:
         if csv not in csvs:
             csvs.append(csv)
 
-    code = hydra_entry("config", "bildexp run", argv, body)
+    check_sweep_points(argv)
+    try:
+        code = hydra_entry("config", "bildexp run", argv, body)
+    except KeyboardInterrupt:
+        code = 130
+        print(f"\nbildexp: interrupted after {len(rows)} finished run(s); the same command resumes "
+              f"(finished runs are skipped, a started one continues from its last example)", file=sys.stderr)
     if rows:
         print("\n" + _summary_table(rows))
         print("\nresults: " + ", ".join(csvs))
     return code
+
+
+def check_sweep_points(argv: list[str]) -> None:
+    """A sweep (-m) composes and validates every point before the first one runs: one bad value
+    (policy.fallback_threshold=0.3,1.5,0.6) stops it in one line, not after the points before it."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return
+    from bildexp.config import compose_config
+    from bildexp.reproduce import expand
+
+    overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
+    for point in expand(overrides):
+        compose_config(*point)
 
 
 def train_command(argv: list[str]) -> int:
@@ -191,9 +210,15 @@ def merge_command(argv: list[str]) -> int:
     )
     parser.add_argument("--dir", default="results", help="runner.output_dir of the runs (default: results)")
     args = parser.parse_args(argv)
+    from bildexp import BildexpError
     from bildexp.results import merge_rows
 
-    for csv, n in merge_rows(args.dir).items():
+    if not Path(args.dir).is_dir():
+        raise BildexpError(f"no folder {args.dir}: pass --dir, the runner.output_dir of the runs")
+    merged = merge_rows(args.dir)
+    if not merged:
+        print(f"{args.dir}: no runs/<experiment>/*/row.json to merge", file=sys.stderr)
+    for csv, n in merged.items():
         print(f"{csv}: {n} rows")
     return 0
 

@@ -366,6 +366,8 @@ def validate(cfg: Config) -> Config:
         raise BildexpError(f"policy.temperature={p.temperature} must be > 0")
     if cfg.task.max_new_tokens < 1 or cfg.task.max_source_tokens < 1:
         raise BildexpError("task.max_new_tokens and task.max_source_tokens must be >= 1")
+    if cfg.runner.warmup < 0:
+        raise BildexpError(f"runner.warmup={cfg.runner.warmup} must be >= 0 (untimed examples before timing)")
     if cfg.runner.limit is not None and cfg.runner.limit < 1:
         raise BildexpError(f"runner.limit={cfg.runner.limit} must be >= 1 (or null for all examples)")
     if cfg.pair.threads < 1:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bildexp import PROJECT_ROOT, plots, ppd
+from bildexp import PROJECT_ROOT, BildexpError, plots, ppd
 
 PAPER_DIR = PROJECT_ROOT / "bildexp" / "paper"
 # Our settings beside the paper's rows: Table 1's "minimal degradation" row is our fastest run with no
@@ -488,7 +488,13 @@ def _table5(df: pd.DataFrame, out: Path) -> list[Path]:
                        "Cells: score (delta to vanilla large), speedup[, our setting]; aligned small models.")
 
 
+def _needs(df: pd.DataFrame, policy: str) -> None:
+    if not (df["policy"] == policy).any():
+        raise BildexpError(f"no {policy} runs in the CSV")
+
+
 def _ppd(df: pd.DataFrame, out: Path) -> list[Path]:
+    _needs(df, "ppd_match")
     (out / "ppd_tables4_6.md").write_text(ppd.position_tables(df), encoding="utf-8")
     return (write_table(ppd_table1_frame(df), out / "ppd_table1", "PPD Table 1: match rates (%), paper beside ours")
             + [out / "ppd_tables4_6.md"]
@@ -496,6 +502,7 @@ def _ppd(df: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def _ppd_latency(df: pd.DataFrame, out: Path) -> list[Path]:
+    _needs(df, "ppd")
     return write_table(ppd_latency(df), out / "ppd_latency", "PPD: measured latency against Theorem 4.1",
                        "Ratios to vanilla greedy decoding of the same model; theorem at each run's own match rate.")
 
@@ -531,6 +538,8 @@ def _fig9(results: Path, out: Path) -> list[Path]:
 def make_figures(results: str | Path, out: str | Path) -> list[Path]:
     """Every artifact whose CSV is in `results`; one line for each that cannot be made (no CSV, no baseline)."""
     results, out = Path(results), Path(out)
+    if not results.is_dir():
+        raise BildexpError(f"no results folder {results}: pass --results, the runner.output_dir of the runs")
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for name, stems, build in ARTIFACTS:
@@ -540,7 +549,7 @@ def make_figures(results: str | Path, out: str | Path) -> list[Path]:
                   file=sys.stderr)
             continue
         try:
-            paths += build(pd.read_csv(found), out)
-        except plots.MissingBaselineError as err:
+            paths += build(plots.read_results(found), out)
+        except (plots.MissingBaselineError, BildexpError) as err:
             print(f"skip {name}: {err}", file=sys.stderr)
     return paths + _fig9(results, out)

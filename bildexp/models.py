@@ -98,6 +98,8 @@ def resolve_path(name: str) -> str:
 def _load_error(name: str, what: str, err: Exception) -> BildexpError:
     if Path(name).exists():
         return BildexpError(f"cannot load {what} from folder {name}: {str(err).splitlines()[0]}")
+    if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        return BildexpError(f"{what} folder {name} not found: check the path (a hub id is owner/name)")
     if hub_offline():
         hint = "the HF hub is off (HF_HUB_OFFLINE=1)"
     else:

@@ -391,6 +391,24 @@ def save_table(text: str, path: Path) -> Path:
     return path
 
 
+def read_results(csv_path: str | Path) -> pd.DataFrame:
+    """A results CSV with at least one run, or one line saying what is wrong with it."""
+    from bildexp import BildexpError
+
+    try:
+        df = pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:
+        raise BildexpError(f"{csv_path} is empty: it holds no runs (bildexp run writes them)") from None
+    if df.empty or "policy" not in df.columns:
+        raise BildexpError(f"{csv_path} holds no runs (bildexp run writes them)")
+    # A row holds only its own policy's knobs, so a CSV of one policy lacks the others' columns (`which`, ...).
+    from bildexp.config import POLICY_FIELDS, SAMPLING_FIELDS
+
+    knobs = dict.fromkeys(k for fields in POLICY_FIELDS.values() for k in fields)
+    missing = [k for k in [*knobs, *SAMPLING_FIELDS, "sampling"] if k not in df.columns]
+    return df.reindex(columns=[*df.columns, *missing]) if missing else df
+
+
 def make_all(csv_path: str | Path, out_dir: str | Path, baseline_pair: str | None = None) -> list[Path]:
     """Reads a results CSV; writes into out_dir <stem>_figure4.png/.pdf and <stem>_table1.md (BiLD runs);
     <stem>_baselines.png/.pdf and <stem>_table3.md when it holds speculative/hf_assisted/calm runs; and
@@ -398,7 +416,7 @@ def make_all(csv_path: str | Path, out_dir: str | Path, baseline_pair: str | Non
     from bildexp import ppd
 
     csv_path, out_dir = Path(csv_path), Path(out_dir)
-    df = pd.read_csv(csv_path)
+    df = read_results(csv_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / csv_path.stem
     paths: list[Path] = []

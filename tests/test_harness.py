@@ -207,3 +207,38 @@ def test_bildexp_modules_import_each_other_without_circles():
         if module not in state:
             visit(module, [])
     assert "bildexp.models" in graph and "bildexp.smollm2" in graph
+
+
+def test_a_sweep_with_one_bad_value_runs_no_point(tmp_path, capsys):
+    """Every point of a -m sweep is composed and validated before the first runs."""
+    code = main(["run", "-m", "policy=bild", "policy.fallback_threshold=0.3,1.5,0.6", f"runner.output_dir={tmp_path}",
+                 "runner.limit=2"])
+    assert code == 2 and "policy.fallback_threshold=1.5 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "default.csv").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("runner.warmup=-1", "runner.warmup=-1 must be >= 0"),
+    ("pair.large=/nonexistent/model/folder", "folder /nonexistent/model/folder not found: check the path"),
+])
+def test_more_bad_input_is_one_line(override, message, tmp_path, capsys):
+    assert main(["run", override, f"runner.output_dir={tmp_path}", "runner.limit=2"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_prints_the_finished_runs_not_a_traceback(tmp_path):
+    """SIGINT during a sweep: exit 130, one line saying how to resume, the summary of the finished runs."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "bildexp.cli", "run", "-m", "policy=bild",
+                             "policy.fallback_threshold=0.3,0.9", f"runner.output_dir={tmp_path}", "runner.limit=30",
+                             "runner.warmup=0", "runner.progress=false"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "default.csv").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "interrupted after 1 finished run(s); the same command resumes" in err and "results:" in out

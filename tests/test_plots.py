@@ -200,3 +200,34 @@ def test_baselines_figure_has_one_pareto_curve_per_series(tmp_path):
     df.to_csv(tmp_path / "b.csv", index=False)
     names = sorted(p.name for p in plots.make_all(tmp_path / "b.csv", tmp_path / "fig", "mt5-iwslt"))
     assert names == ["b_baselines.pdf", "b_baselines.png", "b_figure4.pdf", "b_figure4.png", "b_table1.md", "b_table3.md"]
+
+
+def test_plot_figures_and_merge_on_bad_results_are_one_line(tmp_path, capsys):
+    """Empty, header-only and BiLD-only CSVs, and missing folders: one line each (exit 2), or a skip line per
+    artifact from `bildexp figures`, never a traceback."""
+    from bildexp.cli import main
+    from bildexp.config import compose_config
+    from bildexp.models import PairCache
+    from bildexp.runner import run
+
+    runs = tmp_path / "runs_out"
+    run(compose_config("policy=bild", "runner.limit=2", "runner.warmup=0", f"runner.output_dir={runs}",
+                       "runner.progress=false"), PairCache())
+    bild_only = (runs / "default.csv").read_text()
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text(bild_only.splitlines()[0] + "\n")
+    (tmp_path / "bild.csv").write_text(bild_only)
+    for name, message in (("empty", "is empty: it holds no runs"), ("header", "holds no runs"), ("bild", "no vanilla-large baseline")):
+        assert main(["plot", "--csv", str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["merge", "--dir", str(tmp_path / "nope")]) == 2
+    assert main(["figures", "--results", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --dir" in (err := capsys.readouterr().err) and "pass --results" in err
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for stem in ("t5_multi30k", "baselines_t5_multi30k", "bild_table5", "bild_fig8", "bild_fig2", "ppd", "ppd_latency"):
+        (folder / f"{stem}.csv").write_text(bild_only)
+    (folder / "bild_fig5.csv").write_text("")
+    assert main(["figures", "--results", str(folder), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "skip ppd_table1: no ppd_match runs" in err and "bild_fig5.csv is empty" in err and "Traceback" not in err
