@@ -23,6 +23,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def start_build(final: Path) -> Path:
+    """A fresh temporary sibling of `final` to build into (then `os.replace`d into place), holding the builder's pid;
+    siblings left by killed builders (their pid no longer runs) are removed first."""
+    import shutil
+    import tempfile
+
+    prefix = f".{final.name}.tmp-"
+    for stale in final.parent.glob(prefix + "*"):
+        try:
+            os.kill(int((stale / "pid").read_text()), 0)
+        except (OSError, ValueError):  # no pid file, or no such process: a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
+    (tmp / "pid").write_text(str(os.getpid()))
+    return tmp
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE is set: hub ids resolve from the local HF cache only."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

