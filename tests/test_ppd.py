@@ -167,6 +167,24 @@ def test_ppd_equals_greedy_token_for_token(tiny_pair, toy_examples, k, parallel)
         assert c["vanilla_layers"] == d * c["ppd_steps"] == d * sum(len(g.tokens) for g in gens)
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device: the branch stream runs on GPUs only")
+def test_ppd_branch_on_its_own_cuda_stream_equals_greedy(toy_examples, pair_name):
+    """On a GPU the branch runs on a second CUDA stream, ordered by stream waits: still greedy, token for token."""
+    from bildexp.config import PolicyConfig
+    from bildexp.models import load_pair
+    from bildexp.policies import make_policy
+
+    from conftest import make_config
+    from test_exactness import MAX_NEW, hf_greedy, prompts
+
+    pair = load_pair(make_config(f"pair={pair_name}", "pair.device=cuda").pair)
+    ps = prompts(pair, toy_examples, make_config().task)
+    policy = make_policy(PolicyConfig(name="ppd", ppd_top_k=3, ppd_parallel=True))
+    gens = [policy.decode(pair, p, MAX_NEW) for p in ps]
+    assert policy.stream is not None and sum(g.counters.get("ppd_adopted", 0) for g in gens) > 0
+    assert [g.tokens for g in gens] == [hf_greedy(pair.large, pair, p) for p in ps]
+
+
 def test_ppd_adopts_the_candidates_exact_state(tiny_pair, toy_examples):
     """A candidate's K/V and hidden state from the batched branch equal running that token alone."""
     import torch

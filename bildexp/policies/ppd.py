@@ -16,8 +16,10 @@ executed: Theorem 4.1's compute), critical_layers (layers on the output token's 
 vanilla_layers (d per token). The CSV derives ppd_match_rate, theorem_latency_ratio = critical / vanilla
 layers (= Theorem 4.1 at the measured p) and theorem_compute_ratio = layer_forwards / vanilla layers, to
 set against the measured wall-clock ratio to vanilla decoding (scripts/bench_ppd.py).
-On a CPU the second thread is the second core; on a GPU it is a second CUDA stream's worth of work run
-from a Python thread (not measured here: no GPU on this project's machines yet).
+On a CPU the second thread is the second core. On a GPU the branch runs on its own CUDA stream (from the
+Python thread): it waits for the candidates on the main stream before it starts, and the main stream waits for
+it before the commit reads its states, so the two m-layer halves can overlap on the device (not measured: no
+GPU has been lent to this project's sessions).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class PPD(Policy):
 
     def begin(self, pair, prompt: Prompt) -> None:
         self.dec = LayerwiseDecoder(pair.large, prompt.encoder_input_ids)
+        # The branch's own CUDA stream (None on a CPU, or when the branch runs in line).
+        self.stream = torch.cuda.Stream(pair.device) if pair.device.type == "cuda" and self.pool else None
         d = self.dec.n_layers
         self.dbar = self.cfg.ppd_layer if self.cfg.ppd_layer is not None else -(-d // 2)
         if not d / 2 <= self.dbar < d:
@@ -69,9 +73,13 @@ class PPD(Policy):
         h = dec.run(h, m, dbar)  # [1, n, D]
         candidates = torch.topk(dec.head(h[0, -1], dbar), self.cfg.ppd_top_k).indices  # [k]
         # branch ∥ finish: candidates through layers 1..m, the current token through layers d̄+1..d
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(h.device))  # the candidates exist before the branch reads them
         branch = self.pool.submit(self._branch, candidates) if self.pool else None
         logits = dec.head(dec.run(h, dbar, d)[0, -1])  # [V]
         cand_h, cand_kv = branch.result() if branch else self._branch(candidates)
+        if self.stream is not None:
+            torch.cuda.current_stream(h.device).wait_stream(self.stream)  # the branch's states are written before adopt
         # Per output token (a prompt's prefill, the same for vanilla decoding, is left out).
         self.counters["critical_layers"] += path
         self.counters["layer_forwards"] += path + len(candidates) * m
@@ -92,4 +100,7 @@ class PPD(Policy):
 
     def _branch(self, candidates: torch.Tensor):
         with torch.inference_mode():  # inference mode is per thread
-            return self.dec.branch(candidates, self.m)
+            if self.stream is None:
+                return self.dec.branch(candidates, self.m)
+            with torch.cuda.stream(self.stream):  # the current stream is per thread too
+                return self.dec.branch(candidates, self.m)
