@@ -175,14 +175,15 @@ def test_ppd_branch_on_its_own_cuda_stream_equals_greedy(toy_examples, pair_name
     from bildexp.policies import make_policy
 
     from conftest import make_config
-    from test_exactness import MAX_NEW, hf_greedy, prompts
+    from test_exactness import MAX_NEW, prompts
 
     pair = load_pair(make_config(f"pair={pair_name}", "pair.device=cuda").pair)
     ps = prompts(pair, toy_examples, make_config().task)
     policy = make_policy(PolicyConfig(name="ppd", ppd_top_k=3, ppd_parallel=True))
     gens = [policy.decode(pair, p, MAX_NEW) for p in ps]
     assert policy.stream is not None and sum(g.counters.get("ppd_adopted", 0) for g in gens) > 0
-    assert [g.tokens for g in gens] == [hf_greedy(pair.large, pair, p) for p in ps]
+    vanilla = make_policy(PolicyConfig(name="vanilla", which="large"))
+    assert [g.tokens for g in gens] == [vanilla.decode(pair, p, MAX_NEW).tokens for p in ps]
 
 
 def test_ppd_adopts_the_candidates_exact_state(tiny_pair, toy_examples):
