@@ -69,11 +69,13 @@ def resolve_device(name: str) -> torch.device:
 
 def builtin_builders() -> dict[str, tuple]:
     """Models the project builds itself: name → (build function returning a folder, roles in it)."""
+    from bildexp.qwen25 import ensure_qwen25
     from bildexp.smollm2 import ROLES, ensure_smollm2
     from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
 
     builders: dict[str, tuple] = {name: (lambda n=name: ensure_tiny_pair(n), ("large", "small")) for name in TINY_PAIRS}
     builders["smollm2"] = (ensure_smollm2, ROLES)
+    builders["qwen25"] = (ensure_qwen25, ("large", "small"))
     return builders
 
 
