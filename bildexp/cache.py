@@ -115,9 +115,7 @@ class ModelState:
             if self._slice_logits:
                 logits = logits[-keep:]
         if self.meter is not None:
-            # The LM head ran on `keep` positions where the model takes logits_to_keep, else on all k.
-            head = keep if not (self.is_encoder_decoder or self._slice_logits or self.static is not None) else k
-            self._count_forward(k, head)
+            self._count_forward(k, keep)
         self.length += k
         return logits
 
@@ -126,8 +124,10 @@ class ModelState:
             self.meter[f"{self.role}_{key}"] += value
 
     def _count_forward(self, k: int, head: int) -> None:
-        """The work of one forward pass of k tokens after `length` cached ones, `head` of them through the LM head,
-        in the units cost.py prices."""
+        """The work of one forward pass of k tokens after `length` cached ones, in the units cost.py prices; `head`:
+        the positions whose logits the policy reads (the LM head's work: a decoder-only model computes only those,
+        `logits_to_keep`; paths that compute the head on every position and drop the rest are not charged for it,
+        so every backend meters the same work)."""
         c, s = self.length, self.source_len
         self._count("passes", 1)
         self._count("pass_tokens", k)

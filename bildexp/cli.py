@@ -94,16 +94,18 @@ def run_command(argv: list[str]) -> int:
 
 
 def check_sweep_points(argv: list[str]) -> None:
-    """A sweep (-m) composes and validates every point before the first one runs: one bad value
-    (policy.fallback_threshold=0.3,1.5,0.6) stops it in one line, not after the points before it."""
+    """A sweep (-m) composes and validates every point, and checks its output folder, before the first one runs:
+    one bad value (policy.fallback_threshold=0.3,1.5,0.6) stops it in one line, not after the points before it."""
     if not any(a in ("-m", "--multirun") for a in argv):
         return
     from bildexp.config import compose_config
     from bildexp.reproduce import expand
 
+    from bildexp.results import check_output_dir
+
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
     for point in expand(overrides):
-        compose_config(*point)
+        check_output_dir(compose_config(*point).runner.output_dir)  # Hydra makes its sweep folder there first
 
 
 def train_command(argv: list[str]) -> int:

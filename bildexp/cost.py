@@ -5,8 +5,8 @@ the tokens each forward pass actually processed.
 _pass_head_tokens, _pass_context, _pass_attention, _pass_cross_context, _pass_cross_attention, _encoder_runs,
 _encoder_tokens, _encoder_attention; role = large or small). Everything below is linear in those counters, so
 the sums over a run's examples price the whole run exactly under this model of a transformer decoder step of
-k new tokens after c cached ones (source length s), h of them through the LM head (h = k, or only the last
-`keep` positions where the model computes logits for those alone, e.g. `logits_to_keep`):
+k new tokens after c cached ones (source length s), h of them through the LM head (the `keep` positions whose
+logits the policy reads; a path that computes the head everywhere and drops the rest is not charged for that):
 
   FLOPs  2 · k · decoder layer weights + 2 · h · LM-head weights    one multiply-add per weight and token
        + 4 · attention width · layers · query-key pairs               QKᵀ and the weighted sum of V, self and cross

@@ -5,14 +5,19 @@ Layout under runner.output_dir:
     runs/<experiment_name>/<run_id>/config.json    the resolved config
     runs/<experiment_name>/<run_id>/generations.jsonl   one line per example, appended as it finishes
     runs/<experiment_name>/<run_id>/row.json       the run's summary row, written when it completes
+    runs/<experiment_name>/<run_id>/data.json      the fingerprint of the examples the run decodes
+    runs/<experiment_name>/<run_id>/run.lock       flock'ed by the process writing the run (holds its pid)
 
 Concurrent jobs (Hydra's joblib launcher, several machines on one file system) never lose a row: each
 run's row.json is its own file, and the CSV is updated under a file lock. `merge_rows` rebuilds the
 CSVs from the row.json files, for output folders gathered from machines that shared no file system.
+Two processes never write one run: the second fails in one line (`RunFiles.lock`).
 
 A run id is a pure function of the config values that change results, so an interrupted sweep is
-resumed by running the same command again: complete runs are skipped (unless runner.force=true),
-a partial run continues after its last written example.
+resumed by running the same command again: complete runs are skipped (unless runner.force=true) and
+their row put into the CSV if an interruption kept it out; a partial run continues after its last
+written example, each example counted once. The run id does not hash the data (ids of committed
+results stay valid): data.json does, and a run folder made from other data is refused, not resumed.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
-from bildexp import PROJECT_ROOT
+from bildexp import PROJECT_ROOT, BildexpError
 from bildexp.config import Config, policy_fields
 
 # Config values that say where or how loudly to run, not what is measured.
@@ -139,9 +146,8 @@ def provenance(device, dtype: str, threads: int) -> dict[str, object]:
     }
 
 
-def resume_jsonl(path: Path) -> list[dict]:
-    """Records of an append-only JSONL, up to a line cut by an interruption; the file is rewritten without
-    that line so appends continue on a clean file. A missing file has no records."""
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of an append-only JSONL up to a line cut by an interruption (read only; none when missing)."""
     if not path.is_file():
         return []
     records = []
@@ -150,12 +156,51 @@ def resume_jsonl(path: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             break  # cut mid-write: that item is produced again
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return records
 
 
+def resume_jsonl(path: Path, ids: set[str] | None = None) -> list[dict]:
+    """Records of an append-only JSONL, up to a line cut by an interruption; the file is rewritten without
+    that line so appends continue on a clean file. A missing file has no records. With `ids`: only the
+    first record of each id in `ids` (a repeated or foreign line is dropped from the file too)."""
+    records = read_jsonl(path)
+    if ids is not None:
+        seen: set[str] = set()
+        kept = []
+        for r in records:
+            if isinstance(r, dict) and r.get("id") in ids and r["id"] not in seen:
+                seen.add(r["id"])
+                kept.append(r)
+        records = kept
+    if path.is_file():
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return records
+
+
+def data_fingerprint(examples) -> str:
+    """16 hex digits of sha256 over the examples' (id, source, reference), in order: a run's data identity."""
+    text = json.dumps([[ex.id, ex.source, ex.reference] for ex in examples], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """runner.output_dir is (or can be made) a folder this process can write in; else one BildexpError line."""
+    root = Path(output_dir)
+    try:
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(20, "a file is in its place")
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bildexp-write-test-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise BildexpError(f"runner.output_dir {root} is not a writable folder ({err.strerror or err}): "
+                           f"fix its permissions or pass another runner.output_dir") from None
+    return root
+
+
 class RunFiles:
-    """The files of one run: config, per-example JSONL (resumable) and the experiment CSV."""
+    """The files of one run: config, data fingerprint, per-example JSONL (resumable), lock and the experiment CSV."""
 
     def __init__(self, output_dir: str | Path, experiment: str, rid: str):
         self.root = Path(output_dir)
@@ -168,23 +213,109 @@ class RunFiles:
     def row_file(self) -> Path:
         return self.dir / "row.json"
 
+    @property
+    def data_file(self) -> Path:
+        return self.dir / "data.json"
+
     def completed_row(self) -> dict | None:
         if self.row_file.is_file():
             return json.loads(self.row_file.read_text())
+        if self.data_file.is_file():  # started by this version and not finished: a CSV row is an earlier completion's
+            return None
         if not self.csv.is_file():  # rows of runs made before row.json existed live only in the CSV
             return None
         df = pd.read_csv(self.csv)
         hit = df[df["run_id"] == self.rid]
         return None if hit.empty else hit.iloc[-1].to_dict()
 
-    def start(self, cfg: Config, force: bool) -> list[dict]:
-        """Create the run folder; return the examples already written (none when forced)."""
+    def csv_holds(self, row: dict) -> bool:
+        """The CSV has this run's row (the same completion: its `time` matches when both have one)."""
+        if not self.csv.is_file():
+            return False
+        df = pd.read_csv(self.csv)
+        hit = df[df["run_id"] == self.rid]
+        if hit.empty:
+            return False
+        if "time" in hit.columns and "time" in row:
+            return str(hit.iloc[-1]["time"]) == str(row["time"])
+        return True
+
+    def ensure_in_csv(self, row: dict) -> bool:
+        """Put a complete run's row into the CSV when an interruption between row.json and the CSV kept it out
+        (or left an earlier completion's row there); True when the CSV was changed. Exactly one row per run."""
+        if self.csv_holds(row):
+            return False
+        upsert_rows(self.csv, [row])
+        return True
+
+    @contextmanager
+    def lock(self):
+        """Hold run.lock in the run folder (fcntl.flock, non-blocking) while this process writes the run: a second
+        process (another sweep into the same folder) fails in one line instead of appending to the same files."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise BildexpError(f"cannot write run folder {self.dir} ({err.strerror or err}): fix its permissions or "
+                               f"pass another runner.output_dir") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, _, host = os.pread(fd, 256, 0).decode("utf-8", "replace").strip().partition(" ")
+                where = f" on {host}" if host and host != socket.gethostname() else ""
+                raise BildexpError(f"run {self.rid} is being written by another process (pid {pid or 'unknown'}{where}); "
+                                   f"wait for it to finish or pass another runner.output_dir") from None
+            except OSError as err:  # ENOLCK: a file system without locks
+                raise BildexpError(f"cannot lock {self.dir / 'run.lock'} ({err.strerror or err}): put runner.output_dir "
+                                   f"on a file system with file locks") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+            try:
+                yield self
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def check_data(self, examples, data_source: str, complete: bool = False) -> None:
+        """Refuse (one BildexpError line) a run folder made from other examples than `examples`: its data.json
+        fingerprint differs, or, in a folder from before data.json, its generations hold an id the data lacks or
+        another reference (or, `complete`, not every id)."""
+        why = None
+        if self.data_file.is_file():
+            stored = json.loads(self.data_file.read_text())
+            now = data_fingerprint(examples)
+            if stored.get("fingerprint") != now:
+                why = (f"data fingerprint {stored.get('fingerprint')} of {stored.get('examples')} examples from "
+                       f"{stored.get('source')}; now {now} of {len(examples)} from {data_source}")
+        else:
+            refs = {ex.id: ex.reference for ex in examples}
+            records = [r for r in read_jsonl(self.generations) if isinstance(r, dict)]
+            odd = next((r for r in records if refs.get(r.get("id"), object()) != r.get("reference")), None)
+            if odd is not None:
+                why = f"its generations.jsonl holds example {odd.get('id')!r}, " + (
+                    f"not in {data_source}" if odd.get("id") not in refs else f"whose reference differs in {data_source}")
+            elif complete and records and {r.get("id") for r in records} != set(refs):
+                why = f"its generations.jsonl holds {len({r.get('id') for r in records})} examples, {data_source} {len(refs)}"
+        if why:
+            raise BildexpError(f"run {self.rid} in {self.root} was made from other data ({why}): use runner.force=true "
+                               f"to redo it or another runner.output_dir")
+
+    def start(self, cfg: Config, force: bool, data) -> list[dict]:
+        """Create the run folder and record the fingerprint of `data` (a TaskData); return the examples already
+        written (none when forced): the first line of each id of data.examples, never a repeated or foreign one."""
+        examples = data.examples
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if force:
+            self.row_file.unlink(missing_ok=True)  # first: an interruption never leaves a row beside no generations
             self.generations.write_text("")
-            self.row_file.unlink(missing_ok=True)
-        return resume_jsonl(self.generations)
+        info = {"fingerprint": data_fingerprint(examples), "source": data.data_source, "split": data.split,
+                "examples": len(examples)}
+        _atomic_write(self.data_file, json.dumps(info, ensure_ascii=False, indent=1) + "\n")
+        return resume_jsonl(self.generations, {ex.id for ex in examples})
 
     def append(self, record: dict) -> None:
         with self.generations.open("a", encoding="utf-8") as f:

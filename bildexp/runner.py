@@ -13,13 +13,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from bildexp import metrics
+from bildexp import BildexpError, metrics
 from bildexp.config import Config
 from bildexp.cost import run_cost
 from bildexp.models import PairCache
 from bildexp.policies import make_policy
 from bildexp.policies.base import Policy
-from bildexp.results import RunFiles, config_columns, provenance, run_id
+from bildexp.results import RunFiles, check_output_dir, config_columns, provenance, run_id
 from bildexp.tasks import decode, encode, load_task
 from bildexp.timing import Stopwatch, apply_threads
 
@@ -59,11 +59,11 @@ def summarize(records: list[dict], derived_columns=Policy.derived_columns) -> di
     return row
 
 
-def prepare(cfg: Config, pairs: PairCache) -> tuple[int, object, object, list]:
-    """What decoding needs before the clock starts: threads applied, the task's first runner.limit examples,
-    the pair, and each example's (prompt, truncated). Also used by scripts/bench_*.py."""
+def prepare(cfg: Config, pairs: PairCache, data=None) -> tuple[int, object, object, list]:
+    """What decoding needs before the clock starts: threads applied, the task's first runner.limit examples
+    (`data` when already loaded), the pair, and each example's (prompt, truncated). Also used by scripts/bench_*.py."""
     threads = apply_threads(cfg.pair.threads)
-    data = load_task(cfg.task, cfg.runner.limit)
+    data = load_task(cfg.task, cfg.runner.limit) if data is None else data
     pair = pairs.get(cfg.pair)
     return threads, data, pair, [encode(ex, cfg.task, pair) for ex in data.examples]
 
@@ -83,21 +83,49 @@ def benchmark_inputs(experiment: str, pair_name: str, limit: int) -> tuple[Confi
     return cfg, pair, [prompt for prompt, _ in encoded], header
 
 
-def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
-    """Run (or resume, or skip) one configuration; return its CSV row."""
-    rid = run_id(cfg)
-    files = RunFiles(cfg.runner.output_dir, cfg.experiment_name, rid)
-    done_row = None if cfg.runner.force else files.completed_row()
-    if done_row is not None:
-        print(f"skip {rid}: already in {files.csv} (runner.force=true to run it again)", file=sys.stderr)
-        return done_row
+def _skip(cfg: Config, files: RunFiles, row: dict, data=None) -> dict:
+    """A complete run: checked against the current data (when its folder can tell), its row put into the CSV
+    if an interruption between row.json and the CSV kept it out."""
+    if files.data_file.is_file() or files.generations.is_file():
+        data = load_task(cfg.task, cfg.runner.limit) if data is None else data
+        files.check_data(data.examples, data.data_source, complete=True)
+    if files.ensure_in_csv(row):
+        print(f"skip {files.rid}: complete; its row was missing from {files.csv}, added now", file=sys.stderr)
+    else:
+        print(f"skip {files.rid}: already in {files.csv} (runner.force=true to run it again)", file=sys.stderr)
+    return row
 
+
+def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
+    """Run (or resume, or skip) one configuration; return its CSV row.
+
+    Before any model is loaded: the output folder must be writable, no other process may be writing this run
+    (its run.lock), and a started run must have been made from the same examples (data.json's fingerprint)."""
+    rid = run_id(cfg)
+    check_output_dir(cfg.runner.output_dir)
+    files = RunFiles(cfg.runner.output_dir, cfg.experiment_name, rid)
+    force = cfg.runner.force
+    done_row = None if force else files.completed_row()
+    if done_row is not None:  # no lock needed, no folder made for a run whose row lives only in the CSV
+        return _skip(cfg, files, done_row)
+    with files.lock():
+        return _run_locked(cfg, pairs, files)
+
+
+def _run_locked(cfg: Config, pairs: PairCache, files: RunFiles) -> dict[str, object]:
+    rid, force = files.rid, cfg.runner.force
     started = time.perf_counter()
     metrics.check_scoring(cfg.task.scoring, cfg.task.metric)
-    threads, data, pair, prompts = prepare(cfg, pairs)
+    data = load_task(cfg.task, cfg.runner.limit)
+    if not force:
+        done_row = files.completed_row()
+        if done_row is not None:  # finished by another process between our first look and the lock
+            return _skip(cfg, files, done_row, data)
+        files.check_data(data.examples, data.data_source)
+    threads, data, pair, prompts = prepare(cfg, pairs, data)
     policy = make_policy(cfg.policy)
 
-    records = files.start(cfg, cfg.runner.force)
+    records = files.start(cfg, force, data)
     done = {r["id"] for r in records}
     todo = [i for i, ex in enumerate(data.examples) if ex.id not in done]
     # Static path: room for the longest example, and every graph compiled now, not inside a timed example.
@@ -132,6 +160,8 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
     bar.close()
 
     order = {ex.id: i for i, ex in enumerate(data.examples)}
+    if sorted(order[r["id"]] for r in records) != list(range(len(data.examples))):  # every example exactly once
+        raise BildexpError(f"run {rid}: {len(records)} records for {len(data.examples)} examples; rerun with runner.force=true")
     records.sort(key=lambda r: order[r["id"]])
     hyps, refs = [r["hypothesis"] for r in records], [r["reference"] for r in records]
     scores = metrics.score(cfg.task.metric, hyps, refs)

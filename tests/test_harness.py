@@ -242,3 +242,11 @@ def test_ctrl_c_prints_the_finished_runs_not_a_traceback(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err
     assert "interrupted after 1 finished run(s); the same command resumes" in err and "results:" in out
+
+
+def test_a_sweep_into_a_file_is_one_line(tmp_path, capsys):
+    """-m: Hydra makes its sweep folder before any run, so the output folder is checked with the points."""
+    (tmp_path / "file").write_text("")
+    assert main(["run", "-m", "policy=bild", "policy.fallback_threshold=0.3,0.6", f"runner.output_dir={tmp_path / 'file'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a writable folder" in err and "Traceback" not in err
