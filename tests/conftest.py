@@ -43,3 +43,4 @@ def tiny_pair(pair_name):
 @pytest.fixture(scope="session")
 def toy_examples():
     return load_task(make_config().task).examples
+

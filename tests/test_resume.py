@@ -108,8 +108,10 @@ def test_a_run_held_by_another_process_fails_in_one_line(tmp_path, pairs, capsys
         GlobalHydra.instance().clear()
         capsys.readouterr()
         assert main(["run", "policy=bild", f"runner.output_dir={tmp_path}", *SMALL]) == 2
-        err_lines = capsys.readouterr().err.strip().splitlines()
-        assert len(err_lines) == 1 and err_lines[0].startswith("bildexp: error: run ") and f"(pid {holder.pid})" in err_lines[0]
+        err = capsys.readouterr().err
+        errors = [x for x in err.splitlines() if x.startswith("bildexp: error:")]  # (libraries may warn beside it)
+        assert len(errors) == 1 and errors[0].startswith("bildexp: error: run ") and f"(pid {holder.pid})" in errors[0], err
+        assert "Traceback" not in err
     finally:
         holder.kill()
         holder.wait()
@@ -201,14 +203,14 @@ def test_an_unwritable_output_dir_fails_in_one_line_before_loading(tmp_path, lay
     GlobalHydra.instance().clear()
     capsys.readouterr()
     assert main(["run", "policy=bild", f"runner.output_dir={out}", *SMALL]) == 2
-    err_lines = capsys.readouterr().err.strip().splitlines()
-    assert len(err_lines) == 1 and err_lines[0].startswith("bildexp: error: ")
+    err = capsys.readouterr().err
+    assert len([x for x in err.splitlines() if x.startswith("bildexp: error: ")]) == 1 and "Traceback" not in err, err
     assert not list(tmp_path.rglob("*.csv"))
 
 
 # Kill -9 at several moments of a real sweep, resume, compare with an uninterrupted sweep.
 
-N = 12
+N = 8
 THRESHOLDS = ("0.3", "0.6", "0.9")
 SWEEP = [f"runner.limit={N}", "runner.progress=false", "runner.warmup=0", "task.max_new_tokens=16", "policy=bild",
          f"policy.fallback_threshold={','.join(THRESHOLDS)}"]
@@ -269,17 +271,18 @@ def test_kill_9_at_several_moments_then_resume_equals_an_uninterrupted_sweep(tmp
         ("between points 2 and 3 (point 3's folder just made)", lambda: (runs / rids[2]).is_dir()),
     ]
     states = []
+    # The uninterrupted sweep, in its own process (an in-process Hydra sweep would log through handlers bound to
+    # earlier tests' closed capture streams), beside the first killed one.
+    reference = start_sweep(ref, tmp_path / "ref.log")
     for k, (name, moment) in enumerate(moments):
         proc = start_sweep(out, tmp_path / f"kill{k}.log")
         killer = kill_when(proc, moment)
-        if k == 0:  # the uninterrupted sweep, in this process while the first one starts
-            GlobalHydra.instance().clear()
-            assert main(["run", "-m", *SWEEP, f"runner.output_dir={ref}"]) == 0
         killer.join()
         code = proc.wait(timeout=60)
         assert code == -signal.SIGKILL, (name, code, (tmp_path / f"kill{k}.log").read_text()[-2000:])
         states.append((name, snapshot(out, rids)))
     # Resume: two sweeps at once into the same folder; where they meet on one run, one stops in one line.
+    assert reference.wait(timeout=120) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     final = [start_sweep(out, tmp_path / f"final{k}.log") for k in range(2)]
     codes = [p.wait(timeout=120) for p in final]
     logs = [(tmp_path / f"final{k}.log").read_text() for k in range(2)]
