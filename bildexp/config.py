@@ -180,7 +180,7 @@ class ReproduceConfig:
     # The rehearsal of the networked route (tests/test_hub_route.py, on a stand-in HF hub cache): the pairs and
     # hub data stay the paper's; these overrides replace the same keys in every sweep (swept value axes cut to
     # their first value), and `rehearse_prepare` shrinks every prepare command (a `bildexp train`).
-    rehearse: list[str] = field(default_factory=lambda: ["runner.limit=2", "runner.warmup=0", "task.max_new_tokens=6"])
+    rehearse: list[str] = field(default_factory=lambda: ["runner.limit=1", "runner.warmup=0", "task.max_new_tokens=6"])
     rehearse_prepare: list[str] = field(default_factory=lambda: [
         "train.steps=2", "train.batch_size=2", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=2",
         "train.eval_examples=2", "train.eval_decode=2"])

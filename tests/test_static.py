@@ -138,8 +138,9 @@ def run_all(pair, ps, **kw):
     return [policy.decode(pair, p, MAX_NEW) for p in ps]
 
 
-@pytest.mark.parametrize("pair_name, task, freeze", [("tiny_t5", "toy", False), ("tiny_llama", "toy", False),
-                                                     ("t5_multi30k_aligned", "multi30k", False), ("tiny_t5", "toy", True)])
+# T5 unfrozen runs on the real t5_multi30k pair; tiny_t5 compiles frozen (CI time: each case costs 15-35 s).
+@pytest.mark.parametrize("pair_name, task, freeze", [("tiny_llama", "toy", False), ("t5_multi30k_aligned", "multi30k", False),
+                                                     ("tiny_t5", "toy", True)])
 def test_compiled_decoding_is_exact(pair_name, task, freeze):
     """freeze: inductor freezing (weights as constants, prepacked linears): other kernels, the same tokens."""
     eager, compiled, ps, large_ref = compiled_setup(pair_name, task, freeze)
