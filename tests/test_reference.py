@@ -20,6 +20,7 @@ from bildexp.policies import make_policy
 from bildexp.tasks import encode
 
 from conftest import make_config
+from test_speculative import chi_square_pvalue
 
 N_INPUTS = 12
 MAX_NEW = 40
@@ -168,23 +169,6 @@ def two_token_target(pair, prompt, temperature: float, top_p: float) -> dict[tup
     return joint
 
 
-def chi_square_p(counts: Counter, target: dict, n: int) -> float:
-    """Pearson's goodness of fit of counts to target (cells expected < 5 pooled), its p-value by Wilson-Hilferty."""
-    import math
-
-    cells, pooled_obs, pooled_exp = [], 0, 0.0
-    for key, prob in target.items():
-        if n * prob >= 5:
-            cells.append((counts[key], n * prob))
-        else:
-            pooled_obs, pooled_exp = pooled_obs + counts[key], pooled_exp + n * prob
-    outside = n - sum(counts[k] for k in target)  # samples the target gives probability 0
-    cells.append((pooled_obs + outside, max(pooled_exp, 1e-9)))
-    stat, dof = sum((o - e) ** 2 / e for o, e in cells), len(cells) - 1
-    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 SAMPLES = 1000
 
 
@@ -203,8 +187,8 @@ def test_speculative_sampling_is_distributed_as_the_large_model(setup):
     counts = Counter(tuple(policy.decode(pair, prompt, 2, seed=s).tokens) for s in range(SAMPLES))
     target = two_token_target(pair, prompt, **knobs)
     assert len(target) >= 4, "the target should spread over several token pairs"
-    assert chi_square_p(counts, target, SAMPLES) > 1e-3
+    assert chi_square_pvalue(counts, target, SAMPLES) > 1e-3
     first = Counter(tokens[:1] for tokens in counts.elements())
     for wrong in (dict(temperature=4.0, top_p=0.6), dict(temperature=2.0, top_p=1.0)):
         q1 = target_dist(next_token_logits(pair.large, pair, prompt, [])[0], **wrong)
-        assert chi_square_p(first, {(x,): float(q1[x]) for x in torch.nonzero(q1).flatten().tolist()}, SAMPLES) < 1e-6
+        assert chi_square_pvalue(first, {(x,): float(q1[x]) for x in torch.nonzero(q1).flatten().tolist()}, SAMPLES) < 1e-6
