@@ -146,7 +146,7 @@ def provenance(device, dtype: str, threads: int) -> dict[str, object]:
     }
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     """Records of an append-only JSONL up to a line cut by an interruption (read only; none when missing)."""
     if not path.is_file():
         return []
@@ -163,7 +163,7 @@ def resume_jsonl(path: Path, ids: set[str] | None = None) -> list[dict]:
     """Records of an append-only JSONL, up to a line cut by an interruption; the file is rewritten without
     that line so appends continue on a clean file. A missing file has no records. With `ids`: only the
     first record of each id in `ids` (a repeated or foreign line is dropped from the file too)."""
-    records = read_jsonl(path)
+    records = read_records(path)
     if ids is not None:
         seen: set[str] = set()
         kept = []
@@ -292,7 +292,7 @@ class RunFiles:
                        f"{stored.get('source')}; now {now} of {len(examples)} from {data_source}")
         else:
             refs = {ex.id: ex.reference for ex in examples}
-            records = [r for r in read_jsonl(self.generations) if isinstance(r, dict)]
+            records = [r for r in read_records(self.generations) if isinstance(r, dict)]
             odd = next((r for r in records if refs.get(r.get("id"), object()) != r.get("reference")), None)
             if odd is not None:
                 why = f"its generations.jsonl holds example {odd.get('id')!r}, " + (
