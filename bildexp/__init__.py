@@ -1,5 +1,6 @@
 """bildexp: an experiment harness for Big Little Decoder (BiLD) and Predictive Pipelined Decoding (PPD)."""
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -39,6 +40,22 @@ def start_build(final: Path) -> Path:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is not secret
     (tmp / "pid").write_text(str(os.getpid()))
     return tmp
+
+
+@contextlib.contextmanager
+def build_into(final: Path):
+    """Yield a fresh `start_build` folder; when the block finishes, it replaces `final` (an older partial copy is
+    removed first: ours are renamed in whole); on any exit the temporary folder is gone."""
+    import shutil
+
+    tmp = start_build(final)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hub_offline() -> bool:

