@@ -43,6 +43,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 from bildexp.config import COMPILE_MODES
+from bildexp.timing import PROMPT_CLOCK
 
 # Model types whose transformers forward runs on a static cache (positions and masks read from the cache).
 STATIC_MODEL_TYPES = ("t5", "mt5", "llama", "qwen2")
@@ -83,10 +84,13 @@ class ModelState:
         self._slice_logits = not _accepts_logits_to_keep(model)
         if self.is_encoder_decoder and encoder_input_ids is None:
             raise ValueError("an encoder-decoder model needs encoder_input_ids")
+        self.device = model.device
         if static is not None:
-            self._session = static.start(encoder_input_ids)
+            with PROMPT_CLOCK.measure(self.device) if self.is_encoder_decoder else contextlib.nullcontext():
+                self._session = static.start(encoder_input_ids)
         elif self.is_encoder_decoder:
-            self.encoder_outputs = model.get_encoder()(input_ids=encoder_input_ids)
+            with PROMPT_CLOCK.measure(self.device), torch.inference_mode():
+                self.encoder_outputs = model.get_encoder()(input_ids=encoder_input_ids)
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         else:
             self.cache = DynamicCache()
@@ -104,6 +108,13 @@ class ModelState:
         k = tokens.shape[1]
         if not 1 <= keep <= k:
             raise ValueError(f"keep={keep} must be in [1, {k}]")
+        if self.length == 0 and not self.is_encoder_decoder:  # the pass over the prompt
+            with PROMPT_CLOCK.measure(self.device):
+                return self._advance(tokens, keep)
+        return self._advance(tokens, keep)
+
+    def _advance(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+        k = tokens.shape[1]
         if self.static is not None:
             logits = self.static.forward(tokens, self.length, keep, self._session)  # [keep, V]
         elif self.is_encoder_decoder:

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from bildexp import BildexpError
+from bildexp.timing import PROMPT_CLOCK
 
 
 # Model types whose decoder layers, embeddings and heads `LayerwiseDecoder` drives as their own forward
@@ -141,7 +142,8 @@ class LayerwiseDecoder:
             if self.is_encoder_decoder:
                 if encoder_input_ids is None:
                     raise ValueError("an encoder-decoder model needs encoder_input_ids")
-                self.encoder_hidden = model.get_encoder()(input_ids=encoder_input_ids).last_hidden_state
+                with PROMPT_CLOCK.measure(self.device):
+                    self.encoder_hidden = model.get_encoder()(input_ids=encoder_input_ids).last_hidden_state
                 self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
                 self.self_cache = self.cache.self_attention_cache
             else:
@@ -161,7 +163,11 @@ class LayerwiseDecoder:
         if lo >= hi:
             return h
         start = self._common_length(lo, hi)
-        h = self._layers(h, start, lo, hi, self.cache, self.encoder_hidden)
+        if start == 0 and not self.is_encoder_decoder:  # these layers' pass over the prompt
+            with PROMPT_CLOCK.measure(self.device):
+                h = self._layers(h, start, lo, hi, self.cache, self.encoder_hidden)
+        else:
+            h = self._layers(h, start, lo, hi, self.cache, self.encoder_hidden)
         for i in range(lo, hi):
             self.lengths[i] = start + h.shape[1]
         return h

@@ -63,8 +63,9 @@ def plan(experiment: str) -> tuple[object, list[list[str]]]:
     artifact's output folder, e.g. PPD's two testbeds)."""
     from bildexp.config import compose_config
 
-    if experiment not in artifacts():
-        raise BildexpError(f"unknown artifact experiment {experiment!r}: one of {', '.join(artifacts())}")
+    if experiment not in artifacts() and not (EXPERIMENT_DIR / f"{experiment}.yaml").is_file():
+        raise BildexpError(f"unknown artifact experiment {experiment!r}: one of {', '.join(artifacts())}, or a "
+                           "conf/experiment/<name>.yaml with reproduce.sweeps (qwen25_xsum, ...)")
     cfg = compose_config(f"experiment={experiment}")
     if not cfg.reproduce.sweeps:
         raise BildexpError(f"experiment={experiment} has no reproduce.sweeps: nothing to run")

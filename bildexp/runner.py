@@ -21,7 +21,7 @@ from bildexp.policies import make_policy
 from bildexp.policies.base import Policy
 from bildexp.results import RunFiles, check_output_dir, config_columns, provenance, run_id
 from bildexp.tasks import decode, encode, load_task
-from bildexp.timing import Stopwatch, apply_threads
+from bildexp.timing import PROMPT_CLOCK, Stopwatch, apply_threads
 
 # Counters summed over examples into the CSV row (absent counters count as 0).
 SUM_COUNTERS = ("output_tokens", "small_steps", "small_tokens", "large_calls", "fallbacks", "rollbacks", "tokens_rolled_back")
@@ -46,6 +46,7 @@ def summarize(records: list[dict], derived_columns=Policy.derived_columns) -> di
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p90": float(np.percentile(lat, 90)),
         "latency_ms_per_token": float(lat.sum() / max(n_tokens, 1)),
+        **phase_columns(records, n_tokens),
         "output_tokens_mean": n_tokens / len(records),
         **sums,
         # Share of output tokens the large model produced (paper Figure 9).
@@ -57,6 +58,17 @@ def summarize(records: list[dict], derived_columns=Policy.derived_columns) -> di
     row["rollback_rate"] = sums["tokens_rolled_back"] / sums["small_tokens"] if sums["small_tokens"] else 0.0
     row.update(derived_columns(collections.Counter(sums)))
     return row
+
+
+def phase_columns(records: list[dict], n_tokens: int) -> dict[str, float]:
+    """The prompt phase apart from the rest: `prefill_ms` (mean per example of the prompt passes, encoder or first
+    decoder pass, of every model the policy ran; timing.PromptClock) and `decode_ms_per_token` (the remaining
+    latency per output token). NaN when any record lacks the split (hf_assisted; records written before it)."""
+    prefill = [r.get("prefill_ms") for r in records]
+    if any(p is None for p in prefill):
+        return {"prefill_ms": float("nan"), "decode_ms_per_token": float("nan")}
+    decode_ms = sum(r["latency_ms"] for r in records) - sum(prefill)
+    return {"prefill_ms": float(np.mean(prefill)), "decode_ms_per_token": float(decode_ms / max(n_tokens, 1))}
 
 
 def prepare(cfg: Config, pairs: PairCache, data=None) -> tuple[int, object, object, list]:
@@ -142,6 +154,7 @@ def _run_locked(cfg: Config, pairs: PairCache, files: RunFiles) -> dict[str, obj
     bar = tqdm(todo, desc=rid, unit="ex", disable=not cfg.runner.progress, file=sys.stderr, dynamic_ncols=True, mininterval=interval)
     for i in bar:
         ex, (prompt, truncated) = data.examples[i], prompts[i]
+        PROMPT_CLOCK.restart()
         with Stopwatch(pair.device) as sw:
             gen = policy.decode(pair, prompt, cfg.task.max_new_tokens, seed=example_seed(cfg.policy.seed, i))
         record = {
@@ -149,6 +162,7 @@ def _run_locked(cfg: Config, pairs: PairCache, files: RunFiles) -> dict[str, obj
             "hypothesis": decode(gen.tokens, pair),
             "reference": ex.reference,
             "latency_ms": sw.ms,
+            "prefill_ms": PROMPT_CLOCK.ms if PROMPT_CLOCK.passes else None,  # None: phases not seen (hf_assisted)
             "counters": gen.counters,
             "provenance": gen.provenance,
             "truncated": truncated,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -27,6 +28,36 @@ class Stopwatch:
     def __exit__(self, *exc) -> None:
         synchronize(self.device)
         self.ms = (time.perf_counter() - self._start) * 1000.0
+
+
+class PromptClock:
+    """The prompt phase's share of one example's latency: the milliseconds spent in each model's pass over the
+    prompt, i.e. the encoder pass of an encoder-decoder model or the first decoder pass of a decoder-only one
+    (`cache.ModelState` and `layerwise.LayerwiseDecoder` time them; BiLD pays one per model). The runner
+    restarts it before each timed example and reads `ms` after; `passes` == 0 means the policy ran no pass that
+    these classes see (hf_assisted decodes inside transformers' generate), so its phases are unknown.
+    """
+
+    def __init__(self) -> None:
+        self.ms, self.passes = 0.0, 0
+
+    def restart(self) -> None:
+        self.ms, self.passes = 0.0, 0
+
+    @contextlib.contextmanager
+    def measure(self, device: torch.device):
+        synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(device)
+            self.ms += (time.perf_counter() - start) * 1000.0
+            self.passes += 1
+
+
+# One per process: the models' prompt passes add to it wherever a policy creates its states.
+PROMPT_CLOCK = PromptClock()
 
 
 def apply_threads(threads: int) -> int:

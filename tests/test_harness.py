@@ -250,3 +250,35 @@ def test_a_sweep_into_a_file_is_one_line(tmp_path, capsys):
     assert main(["run", "-m", "policy=bild", "policy.fallback_threshold=0.3,0.6", f"runner.output_dir={tmp_path / 'file'}"]) == 2
     err = capsys.readouterr().err
     assert "is not a writable folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("policy, passes", [("vanilla", 1), ("bild", 2), ("speculative", 2)])
+def test_the_prompt_phase_is_timed_once_per_model(tiny_pair, toy_examples, policy, passes):
+    """PromptClock sees each model's pass over the prompt (the encoder, or a decoder-only model's first pass) once,
+    and nothing of the decoding after it."""
+    from bildexp.config import PolicyConfig
+    from bildexp.policies import make_policy
+    from bildexp.tasks import encode
+    from bildexp.timing import PROMPT_CLOCK, Stopwatch
+
+    prompt, _ = encode(toy_examples[0], make_config().task, tiny_pair)
+    PROMPT_CLOCK.restart()
+    with Stopwatch(tiny_pair.device) as sw:
+        gen = make_policy(PolicyConfig(name=policy, fallback_threshold=0.9, rollback_threshold=1.0)).decode(tiny_pair, prompt, 16)
+    assert len(gen.tokens) > 2
+    assert PROMPT_CLOCK.passes == passes and 0 < PROMPT_CLOCK.ms < sw.ms
+
+
+def test_rows_split_prefill_from_decode(cli, tmp_path):
+    from bildexp.runner import phase_columns
+
+    assert cli("policy=bild") == 0
+    row = pd.read_csv(tmp_path / "default.csv").iloc[0]
+    records = [json.loads(x) for x in (tmp_path / "runs" / "default" / row["run_id"] / "generations.jsonl").read_text().splitlines()]
+    prefill = [r["prefill_ms"] for r in records]
+    assert all(0 < p < r["latency_ms"] for p, r in zip(prefill, records))
+    assert row["prefill_ms"] == pytest.approx(sum(prefill) / 3)
+    decode_ms = sum(r["latency_ms"] for r in records) - sum(prefill)
+    assert row["decode_ms_per_token"] == pytest.approx(decode_ms / row["output_tokens"])
+    records[0]["prefill_ms"] = None  # a policy whose passes the clock cannot see (hf_assisted)
+    assert all(v != v for v in phase_columns(records, 10).values())
