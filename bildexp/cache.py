@@ -108,23 +108,18 @@ class ModelState:
         k = tokens.shape[1]
         if not 1 <= keep <= k:
             raise ValueError(f"keep={keep} must be in [1, {k}]")
-        if self.length == 0 and not self.is_encoder_decoder:  # the pass over the prompt
-            with PROMPT_CLOCK.measure(self.device):
-                return self._advance(tokens, keep)
-        return self._advance(tokens, keep)
-
-    def _advance(self, tokens: torch.Tensor, keep: int) -> torch.Tensor:
-        k = tokens.shape[1]
-        if self.static is not None:
-            logits = self.static.forward(tokens, self.length, keep, self._session)  # [keep, V]
-        elif self.is_encoder_decoder:
-            out = self.model(encoder_outputs=self.encoder_outputs, decoder_input_ids=tokens, cache=self.cache, use_cache=True)
-            logits = out.logits[0, -keep:]
-        else:
-            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True, logits_to_keep=keep)
-            logits = out.logits[0]  # [k or keep, V]
-            if self._slice_logits:
-                logits = logits[-keep:]
+        prompt = self.length == 0 and not self.is_encoder_decoder  # a decoder-only model's pass over the prompt
+        with PROMPT_CLOCK.measure(self.device) if prompt else contextlib.nullcontext():
+            if self.static is not None:
+                logits = self.static.forward(tokens, self.length, keep, self._session)  # [keep, V]
+            elif self.is_encoder_decoder:
+                out = self.model(encoder_outputs=self.encoder_outputs, decoder_input_ids=tokens, cache=self.cache, use_cache=True)
+                logits = out.logits[0, -keep:]
+            else:
+                out = self.model(input_ids=tokens, cache=self.cache, use_cache=True, logits_to_keep=keep)
+                logits = out.logits[0]  # [k or keep, V]
+                if self._slice_logits:
+                    logits = logits[-keep:]
         if self.meter is not None:
             self._count_forward(k, keep)
         self.length += k

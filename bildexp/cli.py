@@ -5,8 +5,8 @@
     bildexp train [HYDRA OVERRIDES]   fine-tune or train a model on a task's training split (resumable)
     bildexp align [HYDRA OVERRIDES]   prediction alignment: fine-tune the small model on the large one's outputs
     bildexp plot [--csv F] [--out D] [--baseline-pair P]  Figure-4/baselines views (PNG, PDF), Tables 1, 3-4 (Markdown)
-    bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2
-    bildexp reproduce experiment=A/V [--tiny] [--dry-run] [OVERRIDES]  every sweep of one paper artifact
+    bildexp build [NAME ...]          build the project's own models: tiny_t5, tiny_llama, smollm2, qwen25
+    bildexp reproduce experiment=A/V [--tiny] [--dry-run] [OVERRIDES]  every sweep of one paper artifact (or qwen25_xsum, ...)
     bildexp merge [--dir D]           rebuild each results CSV from its runs' row.json files (no loss, no duplicates)
     bildexp figures [--results D] [--out D]  every paper figure and table from the results CSVs (docs/REPRODUCTION.md)
 """
@@ -163,18 +163,20 @@ def plot_command(argv: list[str]) -> int:
 
 
 def build_command(argv: list[str]) -> int:
-    from bildexp.models import builtin_builders
-    from bildexp.tiny import TINY_PAIRS
+    from bildexp.testbeds import builds
 
-    builders = builtin_builders()
+    known = builds()
     parser = argparse.ArgumentParser(
         prog="bildexp build",
-        description="Build the project's own models into $BILDEXP_CACHE (default ~/.cache/bildexp); "
-        "they are also built on first use. Default: the tiny pairs.",
+        description="Build the project's own models (bildexp/testbeds/) into $BILDEXP_CACHE (default ~/.cache/bildexp); "
+        "they are also built on first use, and a rerun does nothing. Pair configs name them builtin:<name>/<role>. "
+        "Default: the tiny pairs.",
+        epilog="\n".join(f"{name}: {b.about} (roles {', '.join(b.roles)})" for name, b in known.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("names", nargs="*", default=list(TINY_PAIRS), choices=list(builders))
+    parser.add_argument("names", nargs="*", default=[n for n, b in known.items() if b.default], choices=list(known))
     for name in parser.parse_args(argv).names:
-        print(builders[name][0]())
+        print(known[name].build())
     return 0
 
 
@@ -182,9 +184,10 @@ def reproduce_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="bildexp reproduce",
         description="Run every sweep of one paper artifact's experiment config (conf/experiment/<artifact>/<variant>.yaml), "
-        "resumably; extra Hydra overrides (hydra/launcher=parallel, runner.limit=...) go to every sweep.",
+        "or of a testbed experiment with reproduce.sweeps (conf/experiment/qwen25_xsum.yaml), resumably; extra Hydra "
+        "overrides (hydra/launcher=parallel, runner.limit=...) go to every sweep.",
     )
-    parser.add_argument("experiment", help="experiment=<artifact>/<offline|paper>, e.g. experiment=bild_fig2/offline")
+    parser.add_argument("experiment", help="experiment=<artifact>/<offline|paper>, e.g. experiment=bild_fig2/offline, or experiment=qwen25_xsum")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides added to every sweep")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny pairs, a few examples, each axis's ends, into --tiny-dir: checks that the config runs")

@@ -262,15 +262,29 @@ def bild_tables3_4(df: pd.DataFrame) -> pd.DataFrame:
     """BiLD Tables 3-4: matched latency / matched quality against speculative, with the paper's rows."""
     ours = pd.concat([plots.table3_frame(rows[~rows["pair"].astype(str).str.contains("early_exit|calm")], main)
                       for _, rows, main in _tasks(df)], ignore_index=True)
+    return pd.DataFrame(_table3_rows(ours) + paper_tables3_4())
+
+
+def _table3_rows(frame: pd.DataFrame) -> list[dict]:
+    """plots.table3_frame's rows in the columns of `bild_tables3_4`."""
     rows = []
-    for _, r in ours.iterrows():
+    for _, r in frame.iterrows():
         vanilla = r["row"] == "vanilla large"
+        unseen = vanilla or r["policy"] == "hf_assisted"  # generate() does not say which tokens were drafted
         rows.append({"source": f"ours {r['task']}", "row": r["row"], "score": r["headline_score"],
                      "speedup": 1.0 if vanilla else r["speedup"],
-                     "% fallback": np.nan if vanilla else 100 * r["fallback_rate"],
-                     "% rollback / rejection": np.nan if vanilla else 100 * r["rollback_rate"],
+                     "% fallback": np.nan if unseen else 100 * r["fallback_rate"],
+                     "% rollback / rejection": np.nan if unseen else 100 * r["rollback_rate"],
                      "settings": "" if vanilla else plots._settings(r)})
+    return rows
+
+
+def paper_tables3_4(tasks: set[str] | None = None) -> list[dict]:
+    """The paper's Tables 3-4 as rows of `bild_tables3_4` (of `tasks` only, when given)."""
+    rows = []
     t3, t4 = paper_table("bild_table3"), paper_table("bild_table4")
+    if tasks is not None:
+        t3, t4 = t3[t3["task"].isin(tasks)], t4[t4["task"].isin(tasks)]
     for _, p in t3.iterrows():
         match = t4[(t4["task"] == p["task"]) & (t4["method"] == p["method"]) & (t4["quality"] == p["quality"])]
         m = match.iloc[0] if len(match) else None
@@ -281,7 +295,47 @@ def bild_tables3_4(df: pd.DataFrame) -> pd.DataFrame:
         rows.append({"source": f"paper {p['task']} (Table 4)", "row": p["paper_label"], "score": p["quality"],
                      "speedup": p["speedup"], "% fallback": p["fallback_pct"],
                      "% rollback / rejection": p["rollback_pct"], "settings": ""})
-    return pd.DataFrame(rows)
+    return rows
+
+
+def phase_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every run of one task's sweep against its vanilla-large run: score, end-to-end speedup, and the two phases
+    apart (the prompt passes, `prefill_ms`, and the rest per output token, `decode_ms_per_token`)."""
+    out = []
+    for task, rows, main in _tasks(df):
+        base = _base(rows, main)
+        keys = ["policy", "sampling", "which", "fallback_threshold", "rollback_threshold", "num_draft_tokens"]
+        runs = _against(plots._normalise(rows), base)
+        runs = runs.sort_values([k for k in keys if k in runs])
+        for _, r in runs.iterrows():
+            sampled = ", sampled" if r["sampling"] else ""
+            name = f"vanilla {r['which']}{sampled}" if r["policy"] == "vanilla" else f"{r['policy']}{sampled}"
+            accepted = r.get("acceptance_rate", np.nan)
+            out.append({
+                "task": task, "run": name, "settings": plots._settings(r), base["headline_metric"]: r["headline_score"],
+                "delta": r["quality_delta"], "latency ms": r["latency_ms_mean"], "speedup": r["speedup"],
+                "prefill ms": r.get("prefill_ms", np.nan), "decode ms/token": r.get("decode_ms_per_token", np.nan),
+                "decode speedup": base.get("decode_ms_per_token", np.nan) / r.get("decode_ms_per_token", np.nan),
+                "tokens": r["output_tokens_mean"],
+                "% large tokens": np.nan if r["policy"] == "hf_assisted" else 100 * r["large_token_share"],
+                "% fallback": 100 * r["fallback_rate"] if r["policy"] == "bild" else np.nan,
+                "% rollback": 100 * r["rollback_rate"] if r["policy"] == "bild" else np.nan,
+                "% accepted": 100 * accepted if pd.notna(accepted) else np.nan,
+            })
+    return pd.DataFrame(out)
+
+
+def fronts_table(df: pd.DataFrame) -> pd.DataFrame:
+    """BiLD Tables 3-4 for one testbed sweep: against each lossless baseline (speculative, hf_assisted; greedy
+    runs), its fastest window, the best-scoring BiLD run at least as fast and the fastest BiLD run scoring at least
+    as well; the paper's Tables 3-4 rows of the same task beside them."""
+    greedy = df[~plots._as_bool(df["sampling"])] if "sampling" in df else df
+    frames = []
+    for i, series in enumerate(("speculative", "hf_assisted")):
+        frame = plots.table3_frame(greedy, _main_pair(greedy), spec_series=series)
+        frame["row"] = frame["row"].str.replace("bild (", f"bild vs {series} (", regex=False)
+        frames.append(frame if i == 0 else frame[frame["row"] != "vanilla large"])
+    return pd.DataFrame(_table3_rows(pd.concat(frames, ignore_index=True)) + paper_tables3_4(set(df["task"].astype(str))))
 
 
 def bild_table5(df: pd.DataFrame) -> pd.DataFrame:
@@ -488,6 +542,22 @@ def _table5(df: pd.DataFrame, out: Path) -> list[Path]:
                        "Cells: score (delta to vanilla large), speedup[, our setting]; aligned small models.")
 
 
+def _testbed_sweep(stem: str, df: pd.DataFrame, out: Path) -> list[Path]:
+    """A testbed experiment (conf/experiment/qwen25_*.yaml): its trade-off figure, BiLD's fronts against speculative
+    and hf_assisted (Tables 3-4, the paper's beside), every run with its two phases, and Table 5 when it sampled."""
+    paths = (plots.save_figure(plots.baselines_figure(df, _main_pair(df)), out / f"{stem}_fig")
+             + write_table(fronts_table(df), out / f"{stem}_table3_4", f"{stem}: BiLD against speculative and hf_assisted",
+                           "Greedy runs. match latency: the best-scoring BiLD run at least as fast as the baseline's fastest "
+                           "window; match quality: the fastest BiLD run scoring at least as well. Paper rows: T4 GPU.")
+             + write_table(phase_table(df), out / f"{stem}_runs", f"{stem}: every run, prompt and decode phases apart",
+                           "Against vanilla large (greedy). prefill ms: each model's pass over the prompt, per example; "
+                           "decode ms/token: the rest of the latency per output token; hf_assisted's phases are not seen."))
+    if plots._as_bool(df.get("sampling", pd.Series(dtype=str))).any():
+        paths += write_table(bild_table5(df), out / f"{stem}_table5", f"{stem}: nucleus sampling, p = 0.8",
+                             "Cells: score (delta to sampled vanilla large), speedup over it[, setting].")
+    return paths
+
+
 def _needs(df: pd.DataFrame, policy: str) -> None:
     if not (df["policy"] == policy).any():
         raise BildexpError(f"no {policy} runs in the CSV")
@@ -517,6 +587,8 @@ ARTIFACTS = [
     ("bild_fig8", ("bild_fig8",), _fig8),
     ("ppd_table1", ("ppd",), _ppd),
     ("ppd_fig2_4", ("ppd_latency",), _ppd_latency),
+    ("qwen25_xsum", ("qwen25_xsum",), partial(_testbed_sweep, "qwen25_xsum")),
+    ("qwen25_wmt", ("qwen25_wmt",), partial(_testbed_sweep, "qwen25_wmt")),
 ]
 
 

@@ -21,6 +21,7 @@ Running all layers reproduces the model's forward logits (tests/test_early_exit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -163,10 +164,8 @@ class LayerwiseDecoder:
         if lo >= hi:
             return h
         start = self._common_length(lo, hi)
-        if start == 0 and not self.is_encoder_decoder:  # these layers' pass over the prompt
-            with PROMPT_CLOCK.measure(self.device):
-                h = self._layers(h, start, lo, hi, self.cache, self.encoder_hidden)
-        else:
+        prompt = start == 0 and not self.is_encoder_decoder  # these layers' pass over a decoder-only prompt
+        with PROMPT_CLOCK.measure(self.device) if prompt else contextlib.nullcontext():
             h = self._layers(h, start, lo, hi, self.cache, self.encoder_hidden)
         for i in range(lo, hi):
             self.lengths[i] = start + h.shape[1]

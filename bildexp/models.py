@@ -16,9 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from bildexp import PROJECT_ROOT, BildexpError, hub_offline
 from bildexp.cache import StaticDecoder, bucket
 from bildexp.config import PairConfig
+from bildexp.testbeds import is_builtin, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BUILTIN = "builtin:"
 
 
 @dataclass
@@ -67,34 +67,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def builtin_builders() -> dict[str, tuple]:
-    """Models the project builds itself: name → (build function returning a folder, roles in it)."""
-    from bildexp.qwen25 import ensure_qwen25
-    from bildexp.smollm2 import ROLES, ensure_smollm2
-    from bildexp.tiny import TINY_PAIRS, ensure_tiny_pair
-
-    builders: dict[str, tuple] = {name: (lambda n=name: ensure_tiny_pair(n), ("large", "small")) for name in TINY_PAIRS}
-    builders["smollm2"] = (ensure_smollm2, ROLES)
-    builders["qwen25"] = (ensure_qwen25, ("large", "small"))
-    return builders
-
-
 def resolve_path(name: str) -> str:
     """builtin:<name>/<role> → the folder of a project-built model (built on first use); a relative
     folder missing from the working directory but present in the project (testbeds/...) → that folder;
     else unchanged (a hub id or a folder)."""
-    if not name.startswith(BUILTIN):
+    if not is_builtin(name):
         in_project = PROJECT_ROOT / name
         if not Path(name).is_absolute() and not Path(name).exists() and in_project.exists():
             return str(in_project)
         return name
-    builders = builtin_builders()
-    key, _, role = name[len(BUILTIN) :].partition("/")
-    if key not in builders or role not in builders[key][1]:
-        known = ", ".join(f"builtin:{k}/{r}" for k, (_, roles) in builders.items() for r in roles)
-        raise BildexpError(f"unknown built-in model {name!r}: one of {known}")
-    build, _ = builders[key]
-    return str(build() / role)
+    return str(resolve(name))
 
 
 def _load_error(name: str, what: str, err: Exception) -> BildexpError:
@@ -198,7 +180,7 @@ def load_pair(cfg: PairConfig) -> ModelPair:
     dtype = DTYPES[cfg.dtype]
     if cfg.build:
         for name in (cfg.large, cfg.small):
-            if not name.startswith(BUILTIN) and not Path(resolve_path(name)).exists():
+            if not is_builtin(name) and not Path(resolve_path(name)).exists():
                 raise BildexpError(f"model folder {name} of pair {cfg.name} not found: build it with `{cfg.build}`")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.large)
     large = load_model(cfg.large, dtype, device)

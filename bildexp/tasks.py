@@ -169,7 +169,7 @@ def _hub_data(cfg: TaskConfig, split: str) -> TaskData:
 def load_train(cfg: TaskConfig, limit: int | None = None) -> TaskData:
     """The task's training split (never its evaluation examples): local train_file, built-in, or the hub."""
     if cfg.data_source == "builtin":
-        from bildexp.toy import toy_examples
+        from bildexp.testbeds.toy import toy_examples
 
         data = TaskData([Example(**r) for r in toy_examples("train")], f"builtin:{cfg.name}", "train")
     else:
@@ -189,7 +189,7 @@ def load_task(cfg: TaskConfig, limit: int | None = None) -> TaskData:
     if cfg.data_file is not None:
         data = local_data(Path(cfg.data_file), cfg.data_file, cfg.local_split or "file", cfg.drop_empty)
     elif cfg.data_source == "builtin":
-        from bildexp.toy import toy_examples
+        from bildexp.testbeds.toy import toy_examples
 
         rows = toy_examples(cfg.split)
         data = TaskData([Example(**r) for r in rows], f"builtin:{cfg.name}", cfg.split)

@@ -82,7 +82,7 @@ def _snapshot(cache: Path, kind: str, repo: str, revision: str = "main") -> Path
 def _tiny_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    from bildexp.tiny import ensure_tiny_pair
+    from bildexp.testbeds.tiny import ensure_tiny_pair
 
     folder = ensure_tiny_pair(name) / "large"
     return folder, AutoTokenizer.from_pretrained(folder)
@@ -126,7 +126,7 @@ def punkt(folder: Path) -> Path:
 
 def build(cache: Path) -> dict[str, list[str]]:
     """Fill `cache` (an HF_HUB_CACHE folder) → what it holds: {"models": [...], "datasets": [...]}."""
-    from bildexp.toy import toy_examples
+    from bildexp.testbeds.toy import toy_examples
 
     cache.mkdir(parents=True, exist_ok=True)
     tokenizers = {}

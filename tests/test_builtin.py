@@ -6,7 +6,7 @@ import pytest
 
 from bildexp import BildexpError
 from bildexp.models import resolve_path
-from bildexp.smollm2 import WHEEL_FILE, fetch_wheel
+from bildexp.testbeds.smollm2 import WHEEL_FILE, fetch_wheel
 
 
 def test_unknown_builtin_lists_the_choices():

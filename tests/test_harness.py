@@ -206,7 +206,7 @@ def test_bildexp_modules_import_each_other_without_circles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
-    assert "bildexp.models" in graph and "bildexp.smollm2" in graph
+    assert "bildexp.models" in graph and "bildexp.testbeds.smollm2" in graph
 
 
 def test_a_sweep_with_one_bad_value_runs_no_point(tmp_path, capsys):
@@ -252,10 +252,11 @@ def test_a_sweep_into_a_file_is_one_line(tmp_path, capsys):
     assert "is not a writable folder" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("policy, passes", [("vanilla", 1), ("bild", 2), ("speculative", 2)])
+@pytest.mark.parametrize("policy, passes", [("vanilla", 1), ("bild", 2), ("speculative", 2), ("calm", 1), ("ppd", 1)])
 def test_the_prompt_phase_is_timed_once_per_model(tiny_pair, toy_examples, policy, passes):
     """PromptClock sees each model's pass over the prompt (the encoder, or a decoder-only model's first pass) once,
-    and nothing of the decoding after it."""
+    and nothing of the decoding after it; the layer-wise policies (calm, ppd) run a decoder-only prompt through
+    their layers in slices, each timed (passes counts the slices)."""
     from bildexp.config import PolicyConfig
     from bildexp.policies import make_policy
     from bildexp.tasks import encode
@@ -266,7 +267,9 @@ def test_the_prompt_phase_is_timed_once_per_model(tiny_pair, toy_examples, polic
     with Stopwatch(tiny_pair.device) as sw:
         gen = make_policy(PolicyConfig(name=policy, fallback_threshold=0.9, rollback_threshold=1.0)).decode(tiny_pair, prompt, 16)
     assert len(gen.tokens) > 2
-    assert PROMPT_CLOCK.passes == passes and 0 < PROMPT_CLOCK.ms < sw.ms
+    layer_slices = policy in ("calm", "ppd") and not tiny_pair.is_encoder_decoder
+    assert (PROMPT_CLOCK.passes >= passes if layer_slices else PROMPT_CLOCK.passes == passes)
+    assert 0 < PROMPT_CLOCK.ms < sw.ms
 
 
 def test_rows_split_prefill_from_decode(cli, tmp_path):

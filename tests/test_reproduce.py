@@ -214,6 +214,40 @@ def test_figures_from_the_committed_csvs_alone(tmp_path):
     for stem in ("bild_table1", "bild_table3_4", "bild_table5", "bild_fig8", "ppd_table1", "ppd_latency"):
         assert {f"{stem}.md", f"{stem}.tex"} <= names, stem
     assert {"bild_fig9.html", "bild_fig9.tex"} <= names
+    for stem in ("qwen25_xsum", "qwen25_wmt"):  # the qwen25 testbed's sweeps (issue 15)
+        assert {f"{stem}_fig.png", f"{stem}_table3_4.md", f"{stem}_runs.md"} <= names, stem
+    assert "35.08" in (tmp_path / "qwen25_xsum_table3_4.md").read_text()  # the paper's XSUM vanilla row beside ours
     assert "40.32, 1.00x" in (tmp_path / "bild_table1.md").read_text()  # the paper's IWSLT vanilla row
     assert "39.93" in (tmp_path / "bild_table3_4.md").read_text()  # the paper's speculative IWSLT row
     assert "Vicuna-13B" in (tmp_path / "ppd_table1.md").read_text() and "ours" in (tmp_path / "ppd_table1.md").read_text()
+
+
+@pytest.mark.parametrize("experiment", ["qwen25_xsum", "qwen25_wmt"])
+def test_testbed_experiment_runs_in_tiny_mode_and_makes_its_figures(experiment, tmp_path):
+    """The qwen25 experiments (top-level configs with reproduce.sweeps) run by `bildexp reproduce` on the tiny Llama
+    pair, and `bildexp figures` turns their CSV into the testbed's figure and tables."""
+    rows = run_tiny(experiment, tmp_path)
+    assert_every_sweep_ran(experiment, rows)
+    for r in rows:  # the prompt phase is apart in every row whose passes bildexp runs itself
+        assert (r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0) or (r["policy"] == "hf_assisted" and r["prefill_ms"] != r["prefill_ms"])
+    names = {p.name for p in make_figures(tmp_path, tmp_path / "fig")}
+    assert {f"{experiment}_fig.png", f"{experiment}_table3_4.md", f"{experiment}_runs.md", f"{experiment}_table5.md"} <= names
+
+
+def test_fronts_against_speculative_and_hf_assisted():
+    from test_plots import baselines_results
+
+    from bildexp.figures import fronts_table
+
+    df = baselines_results()
+    df = df[~df["pair"].str.contains("early_exit")]
+    hf = df[df["run_id"] == "spec3"].iloc[0].to_dict() | {"policy": "hf_assisted", "run_id": "hf4", "latency_ms_mean": 600.0,
+                                                          "num_draft_tokens": 4}
+    t = fronts_table(pd.concat([df, pd.DataFrame([hf])], ignore_index=True)).set_index("row")
+    assert t.loc["speculative (fastest window)", "settings"] == "window 6"
+    assert t.loc["bild vs speculative (match quality)", "score"] == 40.2  # the fastest BiLD run scoring >= 40.0
+    assert t.loc["hf_assisted (fastest window)", "speedup"] == pytest.approx(1000 / 600)
+    # Only BiLD's 2.00x run is at least as fast as hf_assisted (1.67x); none scores >= 40.0 that fast.
+    assert t.loc["bild vs hf_assisted (match latency)", "score"] == 39.0
+    assert t.loc["bild vs hf_assisted (match quality)", "score"] == 40.2
+    assert list(t.index).count("vanilla large") == 1

@@ -29,7 +29,7 @@ from conftest import make_config
 SMALL = ["runner.limit=3", "runner.warmup=0", "runner.progress=false", "task.max_new_tokens=16"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # Columns that measure time, not results; git_sha may turn -dirty while the test runs (other edits).
-UNTIMED = ("latency", "wall_s", "time", "git_sha")
+UNTIMED = ("latency", "prefill_ms", "decode_ms", "wall_s", "time", "git_sha")
 
 
 class NoPairs:

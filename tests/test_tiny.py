@@ -1,4 +1,4 @@
-"""Tests for the toy task (bildexp.toy) and the tiny model pairs (bildexp.tiny).
+"""Tests for the toy task (bildexp.testbeds.toy) and the tiny model pairs (bildexp.testbeds.tiny).
 
 The pairs are built once into ``tiny_root()`` (set BILDEXP_CACHE to control
 where); the first run trains four tiny models (~45 s on one CPU thread), later
@@ -20,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
-from bildexp.tiny import TINY_PAIRS, TOY_PROMPT_TEMPLATE, ensure_tiny_pair, tiny_root  # noqa: E402
-from bildexp.toy import toy_examples  # noqa: E402
+from bildexp.testbeds.tiny import TINY_PAIRS, TOY_PROMPT_TEMPLATE, ensure_tiny_pair, tiny_root  # noqa: E402
+from bildexp.testbeds.toy import toy_examples  # noqa: E402
 
 N_CHECK = 20
 

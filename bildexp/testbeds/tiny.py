@@ -6,7 +6,7 @@ Two pairs are available (``TINY_PAIRS``):
 * ``tiny_llama`` -- ``LlamaForCausalLM`` large + small
 
 Both members of a pair share one byte-level BPE tokenizer fitted on the toy
-task (``bildexp.toy``) and are trained for a few hundred AdamW steps on the toy
+task (``bildexp.testbeds.toy``) and are trained for a few hundred AdamW steps on the toy
 train split, so that the large model is mostly right, the small model is
 clearly worse, and the two disagree on a fraction of tokens -- which is what a
 Big Little Decoder needs to be exercised meaningfully.
@@ -33,7 +33,10 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+
+from bildexp.testbeds import Build
 
 __all__ = [
     "TINY_PAIRS",
@@ -98,7 +101,7 @@ _RECIPES: dict[str, dict[str, _ModelRecipe]] = {
 
 
 def _training_texts() -> list[str]:
-    from bildexp.toy import toy_examples
+    from bildexp.testbeds.toy import toy_examples
 
     texts = []
     for row in toy_examples("train"):
@@ -348,7 +351,7 @@ def _train(kind: str, model, data, r: _ModelRecipe) -> float:
 def _build_pair(name: str, dest: Path) -> None:
     from transformers.utils import logging as hf_logging
 
-    from bildexp.toy import toy_examples
+    from bildexp.testbeds.toy import toy_examples
 
     kind = "t5" if name == "tiny_t5" else "llama"
     tokenizer = _make_hf_tokenizer(kind)
@@ -428,3 +431,10 @@ def ensure_tiny_pair(name: str, root: Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+BUILDS = [
+    Build(name, ("large", "small"), partial(ensure_tiny_pair, name),
+          f"tiny {kind} pair trained here on the toy task (~30 s)", default=True)
+    for name, kind in zip(TINY_PAIRS, ("T5", "Llama"))
+]
