@@ -537,8 +537,15 @@ def _baselines(df: pd.DataFrame, out: Path) -> list[Path]:
                           "Ours: greedy speculative decoding, fastest window; BiLD unaligned at matched latency / quality."))
 
 
+def _nucleus(df: pd.DataFrame) -> str:
+    """The title of a Table 5: the top-p values its sampled rows ran with."""
+    sampled = df[plots._as_bool(df.get("sampling", pd.Series(False, index=df.index)))]
+    values = sorted(pd.to_numeric(sampled.get("top_p", pd.Series(dtype=float)), errors="coerce").dropna().unique())
+    return "nucleus sampling" + (", p = " + " / ".join(f"{v:g}" for v in values) if values else "")
+
+
 def _table5(df: pd.DataFrame, out: Path) -> list[Path]:
-    return write_table(bild_table5(df), out / "bild_table5", "BiLD Table 5: nucleus sampling, p = 0.8",
+    return write_table(bild_table5(df), out / "bild_table5", f"BiLD Table 5: {_nucleus(df)}",
                        "Cells: score (delta to vanilla large), speedup[, our setting]; aligned small models.")
 
 
@@ -553,7 +560,7 @@ def _testbed_sweep(stem: str, df: pd.DataFrame, out: Path) -> list[Path]:
                            "Against vanilla large (greedy). prefill ms: each model's pass over the prompt, per example; "
                            "decode ms/token: the rest of the latency per output token; hf_assisted's phases are not seen."))
     if plots._as_bool(df.get("sampling", pd.Series(dtype=str))).any():
-        paths += write_table(bild_table5(df), out / f"{stem}_table5", f"{stem}: nucleus sampling, p = 0.8",
+        paths += write_table(bild_table5(df), out / f"{stem}_table5", f"{stem}: {_nucleus(df)}",
                              "Cells: score (delta to sampled vanilla large), speedup over it[, setting].")
     return paths
 

@@ -39,7 +39,7 @@ class PromptClock:
     """
 
     def __init__(self) -> None:
-        self.ms, self.passes = 0.0, 0
+        self.restart()
 
     def restart(self) -> None:
         self.ms, self.passes = 0.0, 0
