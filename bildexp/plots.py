@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bildexp import BildexpError
+from bildexp.config import PolicyConfig
 
 # Speedups only compare runs on the same task, hardware and numeric precision.
 GROUP = ["task", "device", "dtype"]
@@ -351,7 +352,9 @@ def table3_frame(df: pd.DataFrame, baseline_pair: str | None = None, bild_series
 
 def _settings(r: pd.Series) -> str:
     if r["policy"] == "bild":
-        return f"(rollback, fallback) = {_thresholds(r)}"
+        steps = pd.to_numeric(r.get("max_small_steps"), errors="coerce")
+        default = pd.isna(steps) or steps == PolicyConfig.max_small_steps  # named only where a run changed it
+        return f"(rollback, fallback) = {_thresholds(r)}" + ("" if default else f", drafts of at most {int(steps)}")
     if r["policy"] in ("speculative", "hf_assisted"):
         return f"window {int(r['num_draft_tokens'])}"
     return ""

@@ -232,6 +232,9 @@ def test_testbed_experiment_runs_in_tiny_mode_and_makes_its_figures(experiment, 
         assert (r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0) or (r["policy"] == "hf_assisted" and r["prefill_ms"] != r["prefill_ms"])
     names = {p.name for p in make_figures(tmp_path, tmp_path / "fig")}
     assert {f"{experiment}_fig.png", f"{experiment}_table3_4.md", f"{experiment}_runs.md", f"{experiment}_table5.md"} <= names
+    assert "nucleus sampling, p = 0.8" in (tmp_path / "fig" / f"{experiment}_table5.md").read_text()  # from top_p
+    if experiment == "qwen25_wmt":  # a BiLD point whose max_small_steps is not the default is told apart
+        assert "(rollback, fallback) = (1, 0.6), drafts of at most 2" in (tmp_path / "fig" / f"{experiment}_runs.md").read_text()
 
 
 def test_fronts_against_speculative_and_hf_assisted():
