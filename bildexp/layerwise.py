@@ -367,12 +367,15 @@ class _View:
         self.shared.rollback(n, self.deep)
 
 
-def first_layers(model: PreTrainedModel, n: int) -> PreTrainedModel:
+def first_layers(model: PreTrainedModel, n: int, share: bool = False) -> PreTrainedModel:
     """A copy of model keeping only its first n decoder layers (same embeddings, final norm and head).
 
     Llama-family and GPT-2-style decoders and T5/MT5 decoders; the starting point of a cheap draft.
+    share=True: the copy's parameters and buffers are the model's own tensors (no memory, for evaluating an
+    exit of a large model); training such a copy would train the model.
     """
-    draft = copy.deepcopy(model)
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share else None
+    draft = copy.deepcopy(model, memo)
     if draft.config.is_encoder_decoder:
         layers, key = draft.decoder.block, "num_decoder_layers"
     elif hasattr(draft, "model") and hasattr(draft.model, "layers"):

@@ -6,6 +6,7 @@ layers) picks the same token as the last layer. Early-exit training (`train.exit
 meant to raise these numbers; untrained exits agree on few tokens.
 
     python scripts/exit_agreement.py --task multi30k --limit 100 testbeds/t5_multi30k/large testbeds/t5_multi30k/early_exit
+    python scripts/exit_agreement.py --task wmt --experiment qwen25_wmt --limit 10 --threads 2 --draft builtin:qwen25/small builtin:qwen25/large
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import torch
 
 from bildexp.align import greedy_outputs, top1_agreement
 from bildexp.config import compose_config
-from bildexp.config import PairConfig
 from bildexp.layerwise import decoder_layers
 from bildexp.layerwise import first_layers
-from bildexp.models import load_pair
+from bildexp.models import assemble_pair, load_model, load_tokenizer
 from bildexp.tasks import encode, load_task
 from bildexp.timing import apply_threads
 
@@ -35,18 +35,25 @@ def main() -> None:
     ap.add_argument("--task", default="multi30k")
     ap.add_argument("--experiment", default="t5_multi30k", help="experiment config giving the split")
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--draft", help="a separate draft model (folder, hub id or builtin:...): its top-1 agreement with "
+                    "each model's greedy output is printed beside the exits")
     args = ap.parse_args()
     cfg = compose_config(f"experiment={args.experiment}", f"task={args.task}")
-    threads = apply_threads(1)
+    threads = apply_threads(args.threads)
     examples = load_task(cfg.task, args.limit).examples
     print(f"task {cfg.task.name} ({len(examples)} examples), fp32, cpu, threads {threads}")
+    draft = load_model(args.draft, torch.float32, torch.device("cpu")) if args.draft else None
     for name in args.models:
-        pair = load_pair(PairConfig(name=name, large=name, small=name))
+        model = load_model(name, torch.float32, torch.device("cpu"))
+        pair = assemble_pair(name, model, model, load_tokenizer(name), model.device, torch.float32)
         prompts = [encode(ex, cfg.task, pair)[0] for ex in examples]
         outputs = greedy_outputs(pair, prompts, cfg.task.max_new_tokens, desc=name, progress=False)
         n = len(decoder_layers(pair.large))
-        cells = [f"layer {i}: {top1_agreement(first_layers(pair.large, i), prompts, outputs):.3f}" for i in range(1, n)]
+        cells = [f"layer {i}: {top1_agreement(first_layers(model, i, share=True), prompts, outputs):.3f}" for i in range(1, n)]
         print(f"{name}: " + ", ".join(cells) + f" (of {sum(map(len, outputs))} tokens)")
+        if draft is not None:
+            print(f"{args.draft} on {name}'s outputs: {top1_agreement(draft, prompts, outputs):.3f}")
 
 
 if __name__ == "__main__":

@@ -98,3 +98,9 @@ def test_first_layers_is_a_working_shallower_model(arch):
     assert sum(p.numel() for p in draft.parameters()) < sum(p.numel() for p in model.parameters())
     # Same embeddings and head, untouched original.
     assert torch.equal(draft.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    assert draft.get_output_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr()
+    # share=True: the same shallower model over the model's own tensors (an exit to evaluate, no copy of the weights).
+    view = first_layers(model, 1, share=True)
+    torch.testing.assert_close(ModelState(view, enc).advance(seq, keep=3), short, atol=0, rtol=0)
+    assert {p.data_ptr() for p in view.parameters()} <= {p.data_ptr() for p in model.parameters()}
+    torch.testing.assert_close(ModelState(model, enc).advance(seq, keep=3), full, atol=0, rtol=0)  # model untouched
