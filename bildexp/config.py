@@ -105,6 +105,13 @@ class PairConfig:
     # checkpoints (mT5 250,112 -> 250,100, T5 32,128 -> 32,100): the softmaxes the fallback and rollback rules
     # read then cover real tokens only. On for the kssteven pairs.
     resize_to_tokenizer: bool = False
+    # Weight-only quantization of each model after loading (bildexp/quant.py): none, int8 (per output channel) or
+    # int4 (groups of quant_group_size inputs, asymmetric), through torch's weight-only kernels; every Linear layer,
+    # the LM head included. A quantized draft only changes what the small model proposes: the lossless policies
+    # stay exact against the large model.
+    small_quant: str = "none"
+    large_quant: str = "none"
+    quant_group_size: int = 128
 
 
 @dataclass
@@ -159,6 +166,9 @@ class RunnerConfig:
     warmup: int = 2
     # Re-run a run that is already complete.
     force: bool = False
+    # A further measurement of the same setting as its own run (run id and CSV row of its own, nothing else
+    # changed): e.g. vanilla large timed again after the policies it is the baseline of, in the same sitting.
+    repeat: int = 0
     progress: bool = True
 
 
@@ -215,6 +225,8 @@ SAMPLING_FIELDS = ("top_p", "temperature", "seed")
 STATIC_POLICIES = ("vanilla", "bild", "oracle", "speculative")
 # pair.compile: none, or a torch.compile mode.
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# pair.small_quant, pair.large_quant (bildexp/quant.py).
+QUANT_MODES = ("none", "int8", "int4")
 
 
 def policy_fields(p: PolicyConfig) -> dict[str, Any]:
@@ -314,6 +326,8 @@ _CHOICES = {
     "pair.device": ("cpu", "cuda", "auto"),
     "pair.cache": ("dynamic", "static"),
     "pair.compile": COMPILE_MODES,
+    "pair.small_quant": QUANT_MODES,
+    "pair.large_quant": QUANT_MODES,
     "task.data_source": ("auto", "local", "hub", "builtin"),
     "task.scoring": ("standard", "paper"),
 }
@@ -360,6 +374,9 @@ def validate(cfg: Config) -> Config:
                                f"(static caches serve {', '.join(STATIC_POLICIES)})")
         if ee is not None:
             raise BildexpError(f"pair {cfg.pair.name} is an early-exit pair (layer-wise, eager): use pair.cache=dynamic pair.compile=none")
+    if ee is not None and cfg.pair.small_quant != "none":
+        raise BildexpError(f"pair {cfg.pair.name} is an early-exit pair: its small model is the large model's first layers, "
+                           "quantized with pair.large_quant; set pair.small_quant=none")
     if not 0.0 < p.top_p <= 1.0:
         raise BildexpError(f"policy.top_p={p.top_p} is out of range: use a value in (0, 1]")
     if p.temperature <= 0.0:
@@ -370,6 +387,8 @@ def validate(cfg: Config) -> Config:
         raise BildexpError(f"runner.warmup={cfg.runner.warmup} must be >= 0 (untimed examples before timing)")
     if cfg.runner.limit is not None and cfg.runner.limit < 1:
         raise BildexpError(f"runner.limit={cfg.runner.limit} must be >= 1 (or null for all examples)")
+    if cfg.runner.repeat < 0:
+        raise BildexpError(f"runner.repeat={cfg.runner.repeat} must be >= 0 (0: the first measurement)")
     if cfg.pair.threads < 1:
         raise BildexpError(f"pair.threads={cfg.pair.threads} must be >= 1")
     return cfg

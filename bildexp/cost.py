@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from bildexp.layerwise import SUPPORTED, decoder_layers
+from bildexp.quant import linear_weights
 
 ROLES = ("large", "small")
 
@@ -41,27 +42,31 @@ class ModelCost:
     encoder_layers: int
     attention_width: int  # heads x head size of the queries
     kv_width: int  # kv heads x head size of the cached keys (= values)
-    bytes_per_weight: int
+    bytes_per_weight: float  # the pair's dtype, or less for weight-only quantized layers (int4: ~0.53)
+    kv_bytes: int  # bytes per cached key or value element
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> ModelCost | None:
-        """The shapes of a t5, mt5, llama or qwen2 model (None for other architectures: not priced)."""
+        """The shapes of a t5, mt5, llama or qwen2 model (None for other architectures: not priced). Weight-only
+        quantized layers (bildexp/quant.py) count their weights and are read at their codes' and scales' bytes."""
         cfg = model.config
         if cfg.model_type not in SUPPORTED:
             return None
-        head = model.get_output_embeddings().weight.numel()
+        head, head_bytes = linear_weights(model.get_output_embeddings())
         layers = decoder_layers(model)
-        dec = sum(p.numel() for p in layers.parameters())
+        dec, dec_bytes = linear_weights(layers)
+        kv_bytes = model.dtype.itemsize  # the caches keep the pair's dtype
         if cfg.is_encoder_decoder:  # T5, mT5
-            cross_kv = sum(p.numel() for name, p in layers.named_parameters() if name.split(".")[-2] in ("k", "v")
-                           and ".EncDecAttention." in f".{name}")
-            enc = sum(p.numel() for p in model.get_encoder().block.parameters())
+            cross_kv = sum(linear_weights(m)[0] for name, m in layers.named_modules()
+                           if name.split(".")[-1] in ("k", "v") and ".EncDecAttention." in f".{name}")
+            enc = linear_weights(model.get_encoder().block)[0]
             width = cfg.num_heads * cfg.d_kv
-            return cls(dec - cross_kv, head, enc, cross_kv, len(layers), cfg.num_layers, width, width, model.dtype.itemsize)
+            return cls(dec - cross_kv, head, enc, cross_kv, len(layers), cfg.num_layers, width, width,
+                       (dec_bytes + head_bytes) / (dec + head), kv_bytes)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         return cls(dec, head, 0, 0, len(layers), 0, cfg.num_attention_heads * head_dim, kv_heads * head_dim,
-                   model.dtype.itemsize)
+                   (dec_bytes + head_bytes) / (dec + head), kv_bytes)
 
     def flops(self, counters: dict[str, int], role: str) -> float:
         c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
@@ -75,7 +80,7 @@ class ModelCost:
     def memory_bytes(self, counters: dict[str, int], role: str) -> float:
         c = lambda key: counters.get(f"{role}_{key}", 0)  # noqa: E731
         b = self.bytes_per_weight
-        kv = 2 * self.kv_width * self.layers * (c("pass_context") + c("pass_tokens") + c("pass_cross_context")) * b
+        kv = 2 * self.kv_width * self.layers * (c("pass_context") + c("pass_tokens") + c("pass_cross_context")) * self.kv_bytes
         weights = c("passes") * (self.decoder_weights + self.head_weights)
         weights += c("encoder_runs") * (self.encoder_weights + self.cross_kv_weights)
         return float(weights * b + kv)

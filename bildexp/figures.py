@@ -310,6 +310,11 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
         for _, r in runs.iterrows():
             sampled = ", sampled" if r["sampling"] else ""
             name = f"vanilla {r['which']}{sampled}" if r["policy"] == "vanilla" else f"{r['policy']}{sampled}"
+            quant = r.get(f"{r['which']}_quant", "none") if r["policy"] == "vanilla" else "none"
+            if isinstance(quant, str) and quant != "none":
+                name += f" ({quant})"  # a quantized model decoding alone
+            if pd.notna(r.get("repeat", np.nan)) and int(r["repeat"]):
+                name += f", repeat {int(r['repeat'])}"  # the same setting timed again (e.g. after the policies)
             accepted = r.get("acceptance_rate", np.nan)
             out.append({
                 "task": task, "run": name, "settings": plots._settings(r), base["headline_metric"]: r["headline_score"],
@@ -596,6 +601,8 @@ ARTIFACTS = [
     ("ppd_fig2_4", ("ppd_latency",), _ppd_latency),
     ("qwen25_xsum", ("qwen25_xsum",), partial(_testbed_sweep, "qwen25_xsum")),
     ("qwen25_wmt", ("qwen25_wmt",), partial(_testbed_sweep, "qwen25_wmt")),
+    ("qwen25_int4_xsum", ("qwen25_int4_xsum",), partial(_testbed_sweep, "qwen25_int4_xsum")),
+    ("qwen25_int4_wmt", ("qwen25_int4_wmt",), partial(_testbed_sweep, "qwen25_int4_wmt")),
 ]
 
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from bildexp import PROJECT_ROOT, BildexpError, hub_offline
 from bildexp.cache import StaticDecoder, bucket
 from bildexp.config import PairConfig
+from bildexp.quant import quantize
 from bildexp.testbeds import is_builtin, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,6 +194,7 @@ def load_pair(cfg: PairConfig) -> ModelPair:
         total = len(decoder_layers(large))
         if not 1 <= n < total:
             raise BildexpError(f"pair.early_exit.small_layers={n} must be in [1, {total - 1}]: {cfg.large} has {total} decoder layers")
+        quantize(large, cfg.large_quant, cfg.quant_group_size, "pair.large_quant")
         pair = assemble_pair(cfg.name, large, large, tokenizer, device, dtype)
         pair.small_layers = n
         return pair
@@ -200,6 +202,9 @@ def load_pair(cfg: PairConfig) -> ModelPair:
     if cfg.resize_to_tokenizer:
         resize_to_tokenizer(small, len(tokenizer))
     check_vocabularies(cfg, large, small, tokenizer)
+    # After the vocabulary check (it reads the LM heads' rows) and before any static decoder compiles the forwards.
+    quantize(large, cfg.large_quant, cfg.quant_group_size, "pair.large_quant")
+    quantize(small, cfg.small_quant, cfg.quant_group_size, "pair.small_quant")
     pair = assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
     if cfg.cache == "static":
         try:

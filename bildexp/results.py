@@ -45,7 +45,8 @@ _NOT_IN_ID = {"output_dir", "force", "progress", "build"}
 # Added after results existed: left out of the run id's hash at these defaults, so that earlier runs keep their ids.
 _ID_DEFAULTS = {"cache": "dynamic", "compile": "none", "freeze": False, "resize_to_tokenizer": False,
                 "hub_revision": "refs/convert/parquet", "hub_files": "{config}/{split}/*.parquet", "hub_rows": None,
-                "drop_empty": False, "scoring": "standard", "reference_tokens": 128}
+                "drop_empty": False, "scoring": "standard", "reference_tokens": 128,
+                "small_quant": "none", "large_quant": "none", "quant_group_size": 128, "repeat": 0}
 # Section-level `name` fields become these columns.
 _NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
 
@@ -101,6 +102,8 @@ def policy_label(cfg: Config) -> str:
         label = p.name
     if p.sampling:
         label += f"-topp{fmt(p.top_p)}-temp{fmt(p.temperature)}-seed{p.seed}"
+    if cfg.runner.repeat:
+        label += f"-repeat{cfg.runner.repeat}"
     return label
 
 
@@ -112,10 +115,18 @@ def backend_label(cfg: Config) -> str:
     return ".static" + ("" if cfg.pair.compile == "none" else f"-{cfg.pair.compile}") + ("-frozen" if cfg.pair.freeze else "")
 
 
+def quant_label(cfg: Config) -> str:
+    """'' with full-precision weights; '.small-int4-g128', '.large-int8', ... naming each quantized model."""
+    p = cfg.pair
+    parts = [f"{role}-{mode}" + (f"-g{p.quant_group_size}" if mode == "int4" else "")
+             for role, mode in (("large", p.large_quant), ("small", p.small_quant)) if mode != "none"]
+    return "".join(f".{part}" for part in parts)
+
+
 def run_id(cfg: Config) -> str:
     cols = {k: v for k, v in config_columns(cfg).items() if _ID_DEFAULTS.get(k, object()) != v}
     digest = hashlib.sha256(json.dumps({k: fmt(v) for k, v in cols.items()}, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.task.name}.{cfg.pair.name}.{policy_label(cfg)}.{cfg.pair.dtype}{backend_label(cfg)}.{digest}"
+    return f"{cfg.task.name}.{cfg.pair.name}.{policy_label(cfg)}.{cfg.pair.dtype}{backend_label(cfg)}{quant_label(cfg)}.{digest}"
 
 
 def git_sha() -> str:
@@ -139,6 +150,9 @@ def provenance(device, dtype: str, threads: int) -> dict[str, object]:
         "device_name": name,
         "dtype": dtype,
         "threads": threads,
+        # How idle OpenMP threads wait (read once, when torch starts): PASSIVE sleeps, so with 2 threads each of a step's
+        # many small kernels pays a wake-up (an int4 0.5B step: ~45 ms against ~25 ms spinning; docs/testbeds.md).
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),

@@ -6,12 +6,16 @@ each backend (`pair.cache` / `pair.compile` / `pair.freeze`): eager on transform
 bildexp's static cache, and compiled on the static cache (inductor on CPU; its padded buckets make k = 11 a
 16-token pass), named static-<compile mode>, with -frozen for inductor freezing.
 Threads, dtype and device are on every line; compile time is printed apart. A draft can also be made by
-slicing the large model's first N decoder layers (`--draft-layers N`, shared head).
+slicing the large model's first N decoder layers (`--draft-layers N`, shared head). `--small-quants none,int8,int4`
+adds a row block per weight-only quantization of the small model (bildexp/quant.py; `--large-quant` quantizes the
+large one), so a quantized draft's step is compared with the full-precision large model's on one backend.
 
     python scripts/bench_steps.py --pair t5_multi30k --context 12 --source 24
     python scripts/bench_steps.py --pair tiny_t5 --backends dynamic,static-default --dtypes float32
     python scripts/bench_steps.py --pair t5_multi30k_aligned --backends static-default,static-max-autotune-no-cudagraphs-frozen
     python scripts/bench_steps.py --large builtin:smollm2/large --draft-layers 1 --context 256 --backends dynamic
+    python scripts/bench_steps.py --pair qwen25 --dtypes bfloat16 --threads 2 --context 64 --ks 1,4 --reps 5 \
+        --small-quants none,int4 --backends dynamic,static-default
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bildexp.cache import ModelState, StaticDecoder
+from bildexp.cache import MAX_BUCKET, ModelState, StaticDecoder
 from bildexp.config import COMPILE_MODES
 from bildexp.layerwise import first_layers
 from bildexp.models import DTYPES, load_model
+from bildexp.quant import quantize
 from bildexp.timing import synchronize
 
 BACKENDS = "dynamic, static, static-<pair.compile mode>[-frozen] (-frozen: pair.freeze=true)"
@@ -40,11 +45,16 @@ def step_ms(model, backend: str, context: int, source: int, k: int, reps: int, s
     gen = torch.Generator().manual_seed(0)
     dev = model.device
     enc = torch.randint(5, 200, (1, source), generator=gen).to(dev) if model.config.is_encoder_decoder else None
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.vocab_size
     times = []
     for _ in range(reps + 1):  # the first is a warm-up
         state = ModelState(model, enc, static=static)
-        for _ in range(context):  # cached one token at a time, as decoding fills it (and within compiled buckets)
+        # A long context in one pass, as a prompt fills it (above the largest bucket: uncompiled, not timed); a short one
+        # a token at a time, within the compiled buckets.
+        fill = [context] if context > MAX_BUCKET else [1] * context
+        for n in fill:
+            state.advance(torch.randint(5, vocab, (1, n), generator=gen).to(dev))
+        for _ in range(2):  # two untimed steps: the first passes after a long fill run slower than decoding's steady state
             state.advance(torch.randint(5, vocab, (1, 1), generator=gen).to(dev))
         new = torch.randint(5, vocab, (1, k), generator=gen).to(dev)
         synchronize(dev)
@@ -84,6 +94,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--backends", default="dynamic,static,static-default", help=f"comma-separated: {BACKENDS}")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--small-quants", default="none", help="comma-separated weight-only quantizations of the small "
+                    "model, one row block each: none, int8, int4 (default none)")
+    ap.add_argument("--large-quant", default="none", help="weight-only quantization of the large model (default none)")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size (pair.quant_group_size, default 128)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -96,29 +110,38 @@ def main() -> None:
         pc = OmegaConf.load(CONF_DIR / "pair" / f"{args.pair}.yaml")
         large_name, small_name = pc.large, pc.small
     ks = [int(k) for k in args.ks.split(",")]
-    print(f"threads={torch.get_num_threads()} device={device} context={args.context} source={args.source} reps={args.reps} "
-          f"torch={torch.__version__}")
+    print(f"threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} device={device} "
+          f"context={args.context} source={args.source} reps={args.reps} torch={torch.__version__}")
     print(f"large={large_name} small={'first %d layers of large' % args.draft_layers if args.draft_layers else small_name}")
-    print(f"{'dtype':<9} {'backend':<40} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} {'large k/1':>9}")
+    print(f"{'dtype':<9} {'small quant':<11} {'backend':<40} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} "
+          f"{'large k/1':>9}")
     compile_lines = []
     for dtype in args.dtypes.split(","):
         large = load_model(large_name, DTYPES[dtype], device)
-        small = first_layers(large, args.draft_layers) if args.draft_layers else load_model(small_name, DTYPES[dtype], device)
+        quantize(large, args.large_quant, args.group_size, "--large-quant")
+        smalls = {}  # quant → the small model so quantized
+        for quant in args.small_quants.split(","):
+            if args.draft_layers:
+                smalls[quant] = first_layers(large, args.draft_layers)
+                continue
+            smalls[quant] = load_model(small_name, DTYPES[dtype], device)
+            quantize(smalls[quant], quant, args.group_size, "--small-quants")
         for backend in args.backends.split(","):
-            decoders = {"large": decoder_for(large, backend), "small": decoder_for(small, backend)}
+            decoders = {"large": decoder_for(large, backend), **{q: decoder_for(m, backend) for q, m in smalls.items()}}
             if decoders["large"] is not None:
                 for d in decoders.values():  # every shape compiled here, before any timed pass
                     d.reserve(args.context + max(ks) + 16, args.source)
                     d.warmup(max(ks))
                 if backend != "static":
-                    compile_lines.append(f"{dtype} {backend}: compiled {sum(d.stats.graphs for d in decoders.values())} graphs "
-                                         f"in {sum(d.stats.compile_s for d in decoders.values()):.1f} s")
-            one = None
-            for k in ks:
-                lm = step_ms(large, backend, args.context, args.source, k, args.reps, decoders["large"])
-                sm = step_ms(small, backend, args.context, args.source, k, args.reps, decoders["small"])
-                one = one or lm
-                print(f"{dtype:<9} {backend:<40} {k:>2} {lm:>9.2f} {sm:>9.2f} {lm / sm:>11.2f} {lm / one:>9.2f}", flush=True)
+                    compile_lines.append(f"{dtype} {backend}: compiled {sum(d.stats.graphs for d in decoders.values())} "
+                                         f"graphs in {sum(d.stats.compile_s for d in decoders.values()):.1f} s")
+            large_ms = {k: step_ms(large, backend, args.context, args.source, k, args.reps, decoders["large"]) for k in ks}
+            for quant, small in smalls.items():
+                for k in ks:
+                    lm = large_ms[k]
+                    sm = step_ms(small, backend, args.context, args.source, k, args.reps, decoders[quant])
+                    print(f"{dtype:<9} {quant:<11} {backend:<40} {k:>2} {lm:>9.2f} {sm:>9.2f} {lm / sm:>11.2f} "
+                          f"{lm / large_ms[ks[0]]:>9.2f}", flush=True)
             late = sum(d.stats.late for d in decoders.values() if d is not None)
             if late:
                 print(f"  warning: {late} graphs compiled inside timed passes", flush=True)

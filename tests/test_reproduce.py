@@ -157,7 +157,7 @@ def test_cost_model_is_linear_in_the_metered_work(tiny_pair):
     flops = 2 * k * (cost.decoder_weights + cost.head_weights) + 4 * cost.attention_width * cost.layers * counters["large_pass_attention"]
     assert cost.flops(counters, "large") == flops
     weight_bytes = (cost.decoder_weights + cost.head_weights) * cost.bytes_per_weight
-    assert cost.memory_bytes(counters, "large") == weight_bytes + 2 * cost.kv_width * cost.layers * (c + k) * cost.bytes_per_weight
+    assert cost.memory_bytes(counters, "large") == weight_bytes + 2 * cost.kv_width * cost.layers * (c + k) * cost.kv_bytes
     # Doubling the passes of one token doubles the weight traffic; one pass of 2k tokens does not.
     one = run_cost({"large_passes": 1, "large_pass_tokens": 8}, {"large": tiny_pair.large})
     many = run_cost({"large_passes": 8, "large_pass_tokens": 8}, {"large": tiny_pair.large})
@@ -222,7 +222,7 @@ def test_figures_from_the_committed_csvs_alone(tmp_path):
     assert "Vicuna-13B" in (tmp_path / "ppd_table1.md").read_text() and "ours" in (tmp_path / "ppd_table1.md").read_text()
 
 
-@pytest.mark.parametrize("experiment", ["qwen25_xsum", "qwen25_wmt"])
+@pytest.mark.parametrize("experiment", ["qwen25_xsum", "qwen25_wmt", "qwen25_int4_wmt"])
 def test_testbed_experiment_runs_in_tiny_mode_and_makes_its_figures(experiment, tmp_path):
     """The qwen25 experiments (top-level configs with reproduce.sweeps) run by `bildexp reproduce` on the tiny Llama
     pair, and `bildexp figures` turns their CSV into the testbed's figure and tables."""
@@ -233,8 +233,12 @@ def test_testbed_experiment_runs_in_tiny_mode_and_makes_its_figures(experiment, 
     names = {p.name for p in make_figures(tmp_path, tmp_path / "fig")}
     assert {f"{experiment}_fig.png", f"{experiment}_table3_4.md", f"{experiment}_runs.md", f"{experiment}_table5.md"} <= names
     assert "nucleus sampling, p = 0.8" in (tmp_path / "fig" / f"{experiment}_table5.md").read_text()  # from top_p
+    runs = (tmp_path / "fig" / f"{experiment}_runs.md").read_text()
     if experiment == "qwen25_wmt":  # a BiLD point whose max_small_steps is not the default is told apart
-        assert "(rollback, fallback) = (1, 0.6), drafts of at most 2" in (tmp_path / "fig" / f"{experiment}_runs.md").read_text()
+        assert "(rollback, fallback) = (1, 0.6), drafts of at most 2" in runs
+    if experiment == "qwen25_int4_wmt":  # the int4 draft alone, and vanilla large timed again after the policies
+        assert "| vanilla small (int4) |" in runs and "| vanilla large, repeat 1 |" in runs
+        assert all(r["small_quant"] == "int4" and r["quant_group_size"] == 32 for r in rows)
 
 
 def test_fronts_against_speculative_and_hf_assisted():
@@ -254,3 +258,15 @@ def test_fronts_against_speculative_and_hf_assisted():
     assert t.loc["bild vs hf_assisted (match latency)", "score"] == 39.0
     assert t.loc["bild vs hf_assisted (match quality)", "score"] == 40.2
     assert list(t.index).count("vanilla large") == 1
+
+
+@pytest.mark.parametrize("experiment", ["qwen25_int4_xsum", "qwen25_int4_wmt"])
+def test_int4_experiments_compose_on_their_pair(experiment):
+    """Every point of the qwen25_int4 experiments composes on the real pair (int4 draft, bf16 large), and vanilla large
+    is timed twice: first and again last (runner.repeat=1), the baseline before and after the policies."""
+    _, sweeps = plan(experiment)
+    points = [compose_config(*point) for sweep in sweeps for point in expand(sweep)]
+    assert all((c.pair.name, c.pair.small_quant, c.pair.large_quant) == ("qwen25_int4", "int4", "none") for c in points)
+    vanilla_large = [c.runner.repeat for c in points if c.policy.name == "vanilla" and c.policy.which == "large"
+                     and not c.policy.sampling]
+    assert vanilla_large == [0, 1] and points[0].policy.which == "large" and points[-1].runner.repeat == 1

@@ -1,0 +1,51 @@
+"""Top-1 agreement of a pair's small model, at each weight-only quantization, with the large model's greedy output.
+
+Decodes the first N examples of an experiment's task with the large model (greedy, the pair's dtype), then
+teacher-forces those outputs through the small model and counts how often its argmax is the large model's token
+(`bildexp.align.top1_agreement`, the measure `bildexp align` reports). Quantizing the draft should leave this
+number where it was: only then is a cheaper draft a better one. Untimed.
+
+    python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants none,int8,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch
+
+from bildexp.align import greedy_outputs, top1_agreement
+from bildexp.config import compose_config
+from bildexp.models import DTYPES, load_model, resolve_device
+from bildexp.quant import quantize
+from bildexp.runner import prepare
+from bildexp.models import PairCache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experiment", required=True, help="experiment config giving the task, pair and lengths")
+    ap.add_argument("--limit", type=int, default=10, help="examples (default 10)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quants", default="none,int4", help="weight-only quantizations of the small model (default none,int4)")
+    args = ap.parse_args()
+    cfg = compose_config(f"experiment={args.experiment}", f"runner.limit={args.limit}", f"pair.threads={args.threads}",
+                         "pair.small_quant=none", "pair.large_quant=none", "pair.cache=dynamic", "pair.compile=none")
+    threads, _, pair, encoded = prepare(cfg, PairCache())
+    prompts = [p for p, _ in encoded]
+    outputs = greedy_outputs(pair, prompts, cfg.task.max_new_tokens, desc="large greedy", progress=False)
+    print(f"pair {cfg.pair.name}, task {cfg.task.name} ({len(prompts)} examples, {sum(map(len, outputs))} tokens), "
+          f"dtype {cfg.pair.dtype}, device {pair.device}, threads {threads}")
+    for quant in args.quants.split(","):
+        small = load_model(cfg.pair.small, DTYPES[cfg.pair.dtype], resolve_device(cfg.pair.device))
+        quantize(small, quant, cfg.pair.quant_group_size, "--quants")
+        print(f"small {quant}: top-1 agreement {top1_agreement(small, prompts, outputs):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -1,0 +1,123 @@
+"""Weight-only quantized drafts (bildexp/quant.py): codes that dequantize within their rounding error, lossless
+policies still exact against the large model in fp32, the static compiled path, and one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bildexp import BildexpError
+from bildexp.config import PolicyConfig
+from bildexp.cost import ModelCost
+from bildexp.models import load_pair
+from bildexp.policies import make_policy
+from bildexp.quant import WeightOnlyLinear, quantize
+from bildexp.results import run_id
+from bildexp.tasks import encode
+
+from conftest import make_config
+
+GROUP = 32  # the tiny pairs' layers have 64 or 128 inputs
+N_INPUTS = 10
+MAX_NEW = 32
+
+
+def test_codes_dequantize_within_their_rounding_error():
+    """Each weight is within half a quantization step of its original: int4 s = (max - min) / 15 of its group of
+    GROUP inputs, int8 s = max |w| / 127 of its row; and the codes are not a copy (they do round)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48)
+    w = linear.weight.detach().float()  # [48, 128]
+    for mode in ("int4", "int8"):
+        q = WeightOnlyLinear(linear, mode, GROUP)
+        deq = q.dequantize()
+        if mode == "int4":
+            groups = w.reshape(48, 128 // GROUP, GROUP)
+            step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(GROUP, dim=1)  # [48, 128]
+        else:
+            step = (w.abs().amax(1, keepdim=True) / 127).expand_as(w)
+        err = (deq - w).abs()
+        assert (err <= step / 2 * (1 + 1e-4) + 1e-7).all(), f"{mode}: max error {err.max():.3g} over half a step"
+        assert err.max() > step.max() / 100  # really rounded
+        x = torch.randn(3, 5, 128)
+        torch.testing.assert_close(q(x), x @ deq.T + linear.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def quant_pair(request):
+    """tiny_llama with its small model quantized, and the same pair unquantized (both fp32)."""
+    plain = load_pair(make_config("pair=tiny_llama").pair)
+    cfg = make_config("pair=tiny_llama", f"pair.small_quant={request.param}", f"pair.quant_group_size={GROUP}")
+    return request.param, load_pair(cfg.pair), plain, cfg
+
+
+def _decode(pair, prompts, **kw):
+    policy = make_policy(PolicyConfig(**kw))
+    return [policy.decode(pair, p, MAX_NEW).tokens for p in prompts]
+
+
+def test_lossless_policies_stay_exact_with_a_quantized_draft(quant_pair, toy_examples):
+    """Quantization changes only what the draft proposes: BiLD at rollback 0 and greedy speculative equal vanilla
+    large token for token (fp32), while the quantized draft's own greedy output differs from the plain one's."""
+    mode, pair, plain, cfg = quant_pair
+    prompts = [encode(ex, cfg.task, pair)[0] for ex in toy_examples[:N_INPUTS]]
+    n = sum(isinstance(m, WeightOnlyLinear) for m in pair.small.modules())
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in plain.small.modules()) and n > 0
+    assert not any(isinstance(m, WeightOnlyLinear) for m in pair.large.modules())
+    large = _decode(pair, prompts, name="vanilla", which="large")
+    assert large == _decode(plain, prompts, name="vanilla", which="large")
+    small_q = _decode(pair, prompts, name="vanilla", which="small")
+    assert any(a != b for a, b in zip(small_q, large)), "the draft must disagree with the large model somewhere"
+    assert _decode(pair, prompts, name="bild", fallback_threshold=0.0, rollback_threshold=0.0, max_small_steps=1000) == large
+    assert _decode(pair, prompts, name="bild", fallback_threshold=0.6, rollback_threshold=0.0) == large
+    assert _decode(pair, prompts, name="speculative", num_draft_tokens=4) == large
+
+
+def test_quantized_draft_on_the_compiled_static_path(toy_examples):
+    """int4 draft, static caches and torch.compile: speculative equals vanilla large, every graph compiled before timing."""
+    cfg = make_config("pair=tiny_llama", "pair.small_quant=int4", f"pair.quant_group_size={GROUP}",
+                      "pair.cache=static", "pair.compile=default", "policy=speculative")
+    pair = load_pair(cfg.pair)
+    prompts = [encode(ex, cfg.task, pair)[0] for ex in toy_examples[:4]]
+    pair.prepare_static(prompts, MAX_NEW, 16)  # 16: the toy prompts' own pass too (bucket 16)
+    eager = load_pair(make_config("pair=tiny_llama").pair)
+    assert _decode(pair, prompts, name="speculative", num_draft_tokens=4) == _decode(eager, prompts, name="vanilla")
+    assert pair.late_compiles() == 0
+
+
+def test_t5_layers_quantize():
+    """T5's Linear layers (encoder, decoder, cross-attention, LM head) take int4 too; the cost model counts their
+    weights as before and reads them at about half a byte each."""
+    cfg = make_config("pair=tiny_t5")
+    pair = load_pair(cfg.pair)
+    before = ModelCost.of(pair.small)
+    quantize(pair.small, "int4", GROUP)
+    after = ModelCost.of(pair.small)
+    assert (after.decoder_weights, after.head_weights, after.cross_kv_weights, after.encoder_weights) == (
+        before.decoder_weights, before.head_weights, before.cross_kv_weights, before.encoder_weights)
+    assert before.bytes_per_weight == 4 and 0.5 < after.bytes_per_weight < 1.0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        out = pair.small(input_ids=ids, decoder_input_ids=ids[:, :1]).logits
+    assert torch.isfinite(out).all()
+
+
+def test_quant_settings_in_run_id_and_row():
+    plain = make_config("pair=tiny_llama")
+    q = make_config("pair=tiny_llama", "pair.small_quant=int4", f"pair.quant_group_size={GROUP}")
+    assert ".small-int4-g32." in run_id(q) and "int" not in run_id(plain).split(".", 3)[3]
+    from bildexp.results import config_columns
+
+    cols = config_columns(q)
+    assert (cols["small_quant"], cols["large_quant"], cols["quant_group_size"]) == ("int4", "none", GROUP)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pair.small_quant=int3"], "pair.small_quant='int3' is not one of none, int8, int4"),
+    (["pair.small_quant=int4"], "groups of 128"),
+    (["pair.small_quant=int4", "pair.quant_group_size=48"], "must be a power of two"),
+])
+def test_unsupported_quantization_is_one_line(overrides, message):
+    with pytest.raises(BildexpError, match=message) as err:
+        load_pair(make_config("pair=tiny_llama", *overrides).pair)
+    assert "\n" not in str(err.value)
