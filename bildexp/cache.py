@@ -42,14 +42,26 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
 
+from bildexp import BildexpError
 from bildexp.config import COMPILE_MODES
 from bildexp.timing import PROMPT_CLOCK
+
+# The first transformers release whose model forwards take a cache as `cache=` (every KV-cache call below).
+TRANSFORMERS_CACHE_KEYWORD = "5.24"
 
 # Model types whose transformers forward runs on a static cache (positions and masks read from the cache).
 STATIC_MODEL_TYPES = ("t5", "mt5", "llama", "qwen2")
 # Passes of more tokens than the largest bucket (a decoder-only prompt) run uncompiled at their exact length.
 MAX_BUCKET = 16
 _DECODER_ROUND, _SOURCE_ROUND = 64, 16  # capacities round up, so runs of one task share their graphs
+
+
+def uses_cudagraphs(compile_mode: str, device: torch.device) -> bool:
+    """Whether torch.compile's `compile_mode` records CUDA graphs on `device`: read from torch's own options of each
+    mode (reduce-overhead and max-autotune do; max-autotune-no-cudagraphs and default do not), not from a list of names."""
+    if device.type != "cuda" or compile_mode == "none":
+        return False
+    return bool(torch._inductor.list_mode_options(compile_mode).get("triton.cudagraphs", False))
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
@@ -120,6 +132,7 @@ class ModelState:
                 logits = out.logits[0]  # [k or keep, V]
                 if self._slice_logits:
                     logits = logits[-keep:]
+        check_finite(logits, self.model, self.length + k - keep)
         if self.meter is not None:
             self._count_forward(k, keep)
         self.length += k
@@ -156,6 +169,35 @@ class ModelState:
                 self.cache.crop(-drop)
             # On the static cache the next pass simply writes at n: entries past it are masked by position.
             self.length = n
+
+
+@torch.inference_mode()
+def check_cache_keyword(model: PreTrainedModel) -> None:
+    """Run once per loaded model: a 2-token forward with a fresh cache passed as `cache=` must leave 2 tokens in it.
+    transformers 5.17-5.23 accept the keyword through **kwargs and drop it, so every step would decode without context:
+    plausible timings, garbage tokens, no error. Such a release stops the run in one line."""
+    import transformers
+
+    ids = torch.tensor([[1, 2]], device=model.device)
+    if model.config.is_encoder_decoder:
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        model(input_ids=ids, decoder_input_ids=ids, cache=cache, use_cache=True)
+    else:
+        cache = DynamicCache()
+        model(input_ids=ids, cache=cache, use_cache=True)
+    if cache.get_seq_length() != 2:
+        raise BildexpError(f"transformers {transformers.__version__} ignores the KV cache passed to a model as `cache=` "
+                           f"(bildexp needs >= {TRANSFORMERS_CACHE_KEYWORD}): pip install 'transformers>={TRANSFORMERS_CACHE_KEYWORD},<6'")
+
+
+def check_finite(logits: torch.Tensor, model: PreTrainedModel, position: int) -> None:
+    """logits [keep, V] of the positions from `position` on: inf or NaN stops the run in one line (fp16 T5/mT5
+    overflow; NaN probabilities would make BiLD fall back forever and argmax pick garbage)."""
+    if not bool(torch.isfinite(logits).all()):
+        hint = ("use pair.dtype=float32 or bfloat16 (T5 and mT5 overflow in float16)" if model.dtype == torch.float16
+                else "check the model's weights (this dtype does not overflow in a sound model)")
+        raise BildexpError(f"{model.name_or_path} produced non-finite logits (inf/NaN) in {model.dtype} at decoder position "
+                           f"{position}: {hint}")
 
 
 class PositionedLayer(StaticLayer):
@@ -257,7 +299,7 @@ class StaticDecoder:
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.device = model.device
         self.dtype = model.dtype
-        self._cudagraphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        self._cudagraphs = uses_cudagraphs(compile_mode, self.device)
         # The buffers the graphs read but never write (write position, cross-attention K/V, source mask) get fixed
         # addresses for CUDA graphs only: inductor's freezing folds every static-address input into the graph as a
         # constant, which would freeze them at their warm-up values. (Buffers a graph writes, the self-attention
@@ -371,12 +413,12 @@ class StaticDecoder:
         self.position.fill_(length)
         hidden, mask = (self.encoder_hidden, self.source_mask) if self.is_encoder_decoder else (None, None)
         if self.compile_mode == "none" or kb > MAX_BUCKET:  # kb > MAX_BUCKET: a long prompt, once per example
-            logits = _decoder_forward(self.model, tokens, self.cache, hidden, mask)
-        else:
-            logits = self._call(("step", kb, self.decoder_capacity, self.source_capacity), self.model, tokens, self.cache, hidden, mask)
-            if self._cudagraphs:  # CUDA graphs reuse their output buffer on the next replay: keep a copy
-                logits = logits.clone()
-        return logits[0, k - keep : k]
+            return _decoder_forward(self.model, tokens, self.cache, hidden, mask)[0, k - keep : k]
+        logits = self._call(("step", kb, self.decoder_capacity, self.source_capacity), self.model, tokens, self.cache, hidden, mask)
+        kept = logits[0, k - keep : k]
+        # CUDA graphs reuse their output buffer on the next replay (another model's call may come first): a copy of the
+        # rows the policy reads, not of the whole [1, kb, V] output.
+        return kept.clone() if self._cudagraphs else kept
 
     def _call(self, key: tuple, *args):
         """The compiled forward of one pass shape (key), compiled on its first call; ("encoder",) is the encoder."""
@@ -414,8 +456,11 @@ class StaticDecoder:
         all compilation happens here and none while an example is timed."""
         sizes = sorted({bucket(k) for k in range(1, min(max_pass_tokens, MAX_BUCKET) + 1)})
         source = torch.zeros(1, 2, dtype=torch.long, device=self.device) if self.is_encoder_decoder else None
+        # CUDA-graph trees run a new graph eagerly first and record it on a later call: three calls each, so that
+        # recording happens here too, not in a timed example.
         for kb in sizes:
-            session = self.start(source)
-            self.forward(torch.zeros(1, kb, dtype=torch.long, device=self.device), 0, 1, session)
+            for _ in range(3 if self._cudagraphs else 1):
+                session = self.start(source)
+                self.forward(torch.zeros(1, kb, dtype=torch.long, device=self.device), 0, 1, session)
         self.start(source)
         self.warm = True

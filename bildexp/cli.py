@@ -66,6 +66,7 @@ def hydra_entry(config_name: str, prog: str, argv: list[str], body) -> int:
 
 def run_command(argv: list[str]) -> int:
     from bildexp.config import to_config
+    from bildexp import BildexpError
     from bildexp.models import PairCache
     from bildexp.runner import run
 
@@ -80,9 +81,23 @@ def run_command(argv: list[str]) -> int:
         if csv not in csvs:
             csvs.append(csv)
 
-    check_sweep_points(argv)
+    interleaved = check_sweep_points(argv)
     try:
-        code = hydra_entry("config", "bildexp run", argv, body)
+        if interleaved:
+            from bildexp.runner import run_interleaved
+
+            try:
+                for cfg in interleaved:
+                    csv = str(Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv")
+                    if csv not in csvs:
+                        csvs.append(csv)
+                rows.extend(run_interleaved(interleaved, pairs))
+                code = 0
+            except BildexpError as err:
+                print(f"bildexp: error: {err}", file=sys.stderr)
+                code = 2
+        else:
+            code = hydra_entry("config", "bildexp run", argv, body)
     except KeyboardInterrupt:
         code = 130
         print(f"\nbildexp: interrupted after {len(rows)} finished run(s); the same command resumes "
@@ -93,19 +108,65 @@ def run_command(argv: list[str]) -> int:
     return code
 
 
-def check_sweep_points(argv: list[str]) -> None:
-    """A sweep (-m) composes and validates every point, and checks its output folder, before the first one runs:
-    one bad value (policy.fallback_threshold=0.3,1.5,0.6) stops it in one line, not after the points before it."""
-    if not any(a in ("-m", "--multirun") for a in argv):
-        return
-    from bildexp.config import compose_config
+def check_sweep_points(argv: list[str]) -> list | None:
+    """Every point composes and validates, and a sweep (-m) checks its output folder, before the first one runs: one
+    bad value (policy.fallback_threshold=0.3,1.5,0.6) or a mistyped key (runner.interleav=true) stops it in one line,
+    not after the points before it (nor with Hydra's page-long trace). Hydra's own flags (--cfg, --help) go to Hydra.
+    → the points' configs when the sweep runs interleaved (runner.interleave=true), else None."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    from bildexp import BildexpError
     from bildexp.reproduce import expand
-
     from bildexp.results import check_output_dir
 
+    check_group_choices(argv)  # an unknown group option (task=foo): its own line, with the choices
+    sweep = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
-    for point in expand(overrides):
-        check_output_dir(compose_config(*point).runner.output_dir)  # Hydra makes its sweep folder there first
+    cfgs = []
+    for point in expand(overrides) if sweep else [overrides]:
+        cfgs.append(compose_point(point))
+        if sweep:
+            check_output_dir(cfgs[-1].runner.output_dir)  # Hydra makes its sweep folder there first
+    if not (sweep and any(c.runner.interleave for c in cfgs)):
+        return None
+    launcher = next((a for a in argv if a.startswith(("hydra/launcher=", "hydra.launcher."))), None)
+    if launcher is not None and launcher not in ("hydra/launcher=basic",):
+        raise BildexpError(f"runner.interleave=true decodes every point in one process; {launcher} spreads them over "
+                           "processes: drop one of the two")
+    return cfgs
+
+
+def compose_point(overrides: list[str]):
+    """compose_config, with Hydra's and OmegaConf's errors (an unknown key, a wrong type) as one BildexpError line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bildexp import BildexpError
+    from bildexp.config import compose_config
+
+    try:
+        return compose_config(*overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise BildexpError(override_error(err)) from None
+
+
+def override_error(err: Exception) -> str:
+    """Hydra's composition error → one line: the unknown key and the keys its section has, or the error's gist."""
+    import dataclasses
+
+    from bildexp import config
+
+    text = f"{err}\n{err.__cause__ or ''}"
+    unknown = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    full_key = re.search(r"full_key: ([\w.]+)", text)
+    schema = getattr(config, unknown.group(2), None) if unknown else None
+    if unknown and dataclasses.is_dataclass(schema):
+        key = full_key.group(1) if full_key else unknown.group(1)
+        section = key.rsplit(".", 1)[0] if "." in key else "the config"
+        known = ", ".join(f.name for f in dataclasses.fields(schema))
+        return f"unknown key {key}: {section} has {known}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(("full_key", "object_type", "reference_type"))]
+    return "; ".join(lines[:2])
 
 
 def train_command(argv: list[str]) -> int:

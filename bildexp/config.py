@@ -169,6 +169,11 @@ class RunnerConfig:
     # A further measurement of the same setting as its own run (run id and CSV row of its own, nothing else
     # changed): e.g. vanilla large timed again after the policies it is the baseline of, in the same sitting.
     repeat: int = 0
+    # With -m: decode every point of the sweep in this one process, example by example in rotating order, so that drift
+    # in the machine's speed hits every point alike (bildexp/runner.py, run_interleaved); each point keeps its own run
+    # folder and row (same tokens and scores as run alone), and rows timed together share `interleave_group`. Not in
+    # the run id. Needs all points in one process: a launcher that spreads them over processes is refused.
+    interleave: bool = False
     progress: bool = True
 
 

@@ -136,7 +136,8 @@ class LayerwiseDecoder:
         self.heads = dict(heads or {})
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.lengths = [0] * self.n_layers  # tokens cached per layer
-        self._position_memo: dict[tuple[int, int], object] = {}  # (start, k) → position bias / rotary
+        # (start, k) → (position bias / rotary, the CUDA stream it was made on or None)
+        self._position_memo: dict[tuple[int, int], tuple] = {}
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         with torch.inference_mode():
@@ -225,8 +226,9 @@ class LayerwiseDecoder:
         # PPD's branch thread shares this memo and may clear it at any moment: one atomic get, never a membership
         # check followed by a read, and the value returned is the one this call holds.
         key = (start, k)
-        value = self._position_memo.get(key)
-        if value is None:
+        stream = torch.cuda.current_stream(h.device) if h.is_cuda else None  # this thread's stream (PPD's branch has its own)
+        entry = self._position_memo.get(key)
+        if entry is None:
             if self.is_encoder_decoder:
                 attn = self.layers[0].layer[0].SelfAttention  # holds the relative position bias of all layers
                 value = attn.compute_bias(k, start + k, device=h.device, past_seen_tokens=start)
@@ -234,7 +236,14 @@ class LayerwiseDecoder:
                 value = self.model.model.rotary_emb(h, position_ids=torch.arange(start, start + k, device=h.device).unsqueeze(0))
             if len(self._position_memo) > 4:  # only this step's (and PPD's next-position branch's) are needed
                 self._position_memo.clear()
-            self._position_memo[key] = value
+            self._position_memo[key] = (value, stream)
+            return value
+        value, made_on = entry
+        if stream is not None and made_on is not None and made_on != stream:
+            # Made on the other stream: the allocator must not hand its memory back (a cleared memo drops the last
+            # reference) while kernels queued on this stream still read it.
+            for t in (value if isinstance(value, tuple) else (value,)):
+                t.record_stream(stream)
         return value
 
     @torch.inference_mode()

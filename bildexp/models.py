@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from bildexp import PROJECT_ROOT, BildexpError, hub_offline
-from bildexp.cache import StaticDecoder, bucket
+from bildexp.cache import StaticDecoder, bucket, check_cache_keyword
 from bildexp.config import PairConfig
 from bildexp.quant import quantize
 from bildexp.testbeds import is_builtin, resolve
@@ -68,6 +68,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """bfloat16 on a GPU without it (a T4: compute capability 7.5) would be emulated slowly or fail: one line."""
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise BildexpError(f"pair.dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bfloat16 support: use "
+                           "pair.dtype=float32 (float16 overflows in T5 and mT5)")
+
+
 def resolve_path(name: str) -> str:
     """builtin:<name>/<role> → the folder of a project-built model (built on first use); a relative
     folder missing from the working directory but present in the project (testbeds/...) → that folder;
@@ -103,7 +110,9 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device) -> PreTraine
         model = cls.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         raise _load_error(path, "model", err) from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    check_cache_keyword(model)  # an older transformers would decode every step without context
+    return model
 
 
 def load_tokenizer(name: str):
@@ -179,6 +188,7 @@ def assemble_pair(name: str, large, small, tokenizer, device: torch.device, dtyp
 def load_pair(cfg: PairConfig) -> ModelPair:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
+    check_dtype(dtype, device)
     if cfg.build:
         for name in (cfg.large, cfg.small):
             if not is_builtin(name) and not Path(resolve_path(name)).exists():

@@ -41,7 +41,7 @@ from bildexp import PROJECT_ROOT, BildexpError
 from bildexp.config import Config, policy_fields
 
 # Config values that say where or how loudly to run, not what is measured.
-_NOT_IN_ID = {"output_dir", "force", "progress", "build"}
+_NOT_IN_ID = {"output_dir", "force", "progress", "build", "interleave"}
 # Added after results existed: left out of the run id's hash at these defaults, so that earlier runs keep their ids.
 _ID_DEFAULTS = {"cache": "dynamic", "compile": "none", "freeze": False, "resize_to_tokenizer": False,
                 "hub_revision": "refs/convert/parquet", "hub_files": "{config}/{split}/*.parquet", "hub_rows": None,

@@ -34,10 +34,11 @@ def main() -> None:
     ap.add_argument("--layers", default="2,3", help="early-prediction layers d̄ (>= d/2)")
     ap.add_argument("--ks", default="1,3,5")
     ap.add_argument("--sequential", action="store_true", help="also run the candidates after the main token (no 2nd thread)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when there is one)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    cfg, pair, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit)
+    cfg, pair, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit, args.device)
     max_new = cfg.task.max_new_tokens
     print(f"{header}; threads per Python thread (PPD's candidates use a second one), cpus {os.cpu_count()}")
 

@@ -29,10 +29,11 @@ def main() -> None:
     ap.add_argument("--experiment", default="baselines_t5_multi30k", help="experiment config giving the task and split")
     ap.add_argument("--pair", default="t5_multi30k")
     ap.add_argument("--windows", default="3,4,6", help="num_draft_tokens values")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when there is one)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
-    cfg, pair, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit)
+    cfg, pair, prompts, header = benchmark_inputs(args.experiment, args.pair, args.limit, args.device)
     max_new = cfg.task.max_new_tokens
     print(header)
 

@@ -33,7 +33,8 @@ import torch
 from bildexp.cache import MAX_BUCKET, ModelState, StaticDecoder
 from bildexp.config import COMPILE_MODES
 from bildexp.layerwise import first_layers
-from bildexp.models import DTYPES, load_model
+from bildexp import BildexpError
+from bildexp.models import DTYPES, load_model, resolve_device
 from bildexp.quant import quantize
 from bildexp.timing import synchronize
 
@@ -93,14 +94,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--backends", default="dynamic,static,static-default", help=f"comma-separated: {BACKENDS}")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when there is one)")
     ap.add_argument("--small-quants", default="none", help="comma-separated weight-only quantizations of the small "
                     "model, one row block each: none, int8, int4 (default none)")
     ap.add_argument("--large-quant", default="none", help="weight-only quantization of the large model (default none)")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (pair.quant_group_size, default 128)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)  # cuda on a machine without one: one line, never a CPU timing
+    except BildexpError as err:
+        raise SystemExit(f"error: {err}") from None
     large_name, small_name = args.large, args.small
     if args.pair:
         from omegaconf import OmegaConf
