@@ -52,13 +52,17 @@ def _group_name(key: tuple) -> str:
     return "task={} device={} dtype={}".format(*key)
 
 
+def _vanilla_runs(df: pd.DataFrame, which: str, pair: str | None = None, sampling: bool = False) -> pd.DataFrame:
+    """Every greedy (or, with sampling, sampled) vanilla row for one model size (`which`), of `pair` when given."""
+    df = _normalise(df)
+    rows = df[(df["policy"] == "vanilla") & (df["which"] == which) & (df["sampling"] == sampling)]
+    return rows if pair is None else rows[rows["pair"] == pair]
+
+
 def _vanilla(df: pd.DataFrame, which: str, pair: str | None = None, sampling: bool = False) -> pd.DataFrame:
     """The latest greedy (or, with sampling, sampled) vanilla row of each group for one model size (`which`),
     of `pair` when given (else of any pair); may miss groups."""
-    df = _normalise(df)
-    rows = df[(df["policy"] == "vanilla") & (df["which"] == which) & (df["sampling"] == sampling)]
-    if pair is not None:
-        rows = rows[rows["pair"] == pair]
+    rows = _vanilla_runs(df, which, pair, sampling)
     # Re-running a baseline appends a row; the newest one reflects the current code.
     rows = rows.sort_values("_time").groupby(GROUP, dropna=False, sort=True).tail(1)
     return rows.drop(columns="_time").sort_values(GROUP).reset_index(drop=True)

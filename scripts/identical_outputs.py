@@ -24,9 +24,13 @@ def main() -> int:
     runs = {}
     for folder in sorted(p for p in args.runs.iterdir() if (p / "generations.jsonl").is_file()):
         config = json.loads((folder / "config.json").read_text())
-        runs[folder.name] = (config["policy"], {r["id"]: r["tokens"] for r in read_records(folder / "generations.jsonl")})
+        # the run's policy, and whether it is a repeated measurement of a setting (runner.repeat > 0)
+        repeat = config.get("runner", {}).get("repeat", 0)
+        runs[folder.name] = (config["policy"] | {"repeat": repeat},
+                             {r["id"]: r["tokens"] for r in read_records(folder / "generations.jsonl")})
+    # the reference: the first greedy vanilla-large run (its repeats, timed again later, are compared with it too)
     base = [name for name, (p, _) in runs.items()
-            if p["name"] == "vanilla" and p["which"] == "large" and not p["sampling"]]
+            if p["name"] == "vanilla" and p["which"] == "large" and not p["sampling"] and not p["repeat"]]
     if len(base) != 1:
         print(f"need exactly one greedy vanilla-large run in {args.runs}, found {len(base)}", file=sys.stderr)
         return 2
