@@ -142,11 +142,3 @@ def linear_weights(module: nn.Module) -> tuple[int, int]:
         nbytes += p.numel() * p.element_size()
     return count, nbytes
 
-
-def describe(model: nn.Module) -> str:
-    """'int4 (group 128)', 'int8' or 'none': how the model's Linear layers are held."""
-    modes = {(m.mode, m.group_size) for m in model.modules() if isinstance(m, WeightOnlyLinear)}
-    if not modes:
-        return "none"
-    mode, group = sorted(modes)[0]
-    return f"int4 (group {group})" if mode == "int4" else mode

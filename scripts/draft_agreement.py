@@ -20,10 +20,9 @@ import torch
 
 from bildexp.align import greedy_outputs, top1_agreement
 from bildexp.config import compose_config
-from bildexp.models import DTYPES, load_model, resolve_device
+from bildexp.models import DTYPES, PairCache, load_model, resolve_device
 from bildexp.quant import quantize
 from bildexp.runner import prepare
-from bildexp.models import PairCache
 
 
 def main() -> None:
