@@ -66,7 +66,6 @@ def hydra_entry(config_name: str, prog: str, argv: list[str], body) -> int:
 
 def run_command(argv: list[str]) -> int:
     from bildexp.config import to_config
-    from bildexp import BildexpError
     from bildexp.models import PairCache
     from bildexp.runner import run
 
@@ -83,19 +82,12 @@ def run_command(argv: list[str]) -> int:
 
     interleaved = check_sweep_points(argv)
     try:
-        if interleaved:
+        if interleaved:  # one process, no Hydra launcher; a BildexpError reaches main's one-line handler
             from bildexp.runner import run_interleaved
 
-            try:
-                for cfg in interleaved:
-                    csv = str(Path(cfg.runner.output_dir) / f"{cfg.experiment_name}.csv")
-                    if csv not in csvs:
-                        csvs.append(csv)
-                rows.extend(run_interleaved(interleaved, pairs))
-                code = 0
-            except BildexpError as err:
-                print(f"bildexp: error: {err}", file=sys.stderr)
-                code = 2
+            rows.extend(run_interleaved(interleaved, pairs))
+            csvs.extend(dict.fromkeys(str(Path(c.runner.output_dir) / f"{c.experiment_name}.csv") for c in interleaved))
+            code = 0
         else:
             code = hydra_entry("config", "bildexp run", argv, body)
     except KeyboardInterrupt:

@@ -120,31 +120,32 @@ def run(cfg: Config, pairs: PairCache) -> dict[str, object]:
 
     Before any model is loaded: the output folder must be writable, no other process may be writing this run
     (its run.lock), and a started run must have been made from the same examples (data.json's fingerprint)."""
-    rid = run_id(cfg)
+    with contextlib.ExitStack() as stack:
+        opened = _begin(cfg, pairs, stack)
+        if isinstance(opened, dict):  # complete already
+            return opened
+        _warm(opened)
+        # In a log file (not a terminal) a bar line every 30 s instead of one per example.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        bar = tqdm(opened.todo, desc=opened.files.rid, unit="ex", disable=not cfg.runner.progress, file=sys.stderr,
+                   dynamic_ncols=True, mininterval=interval)
+        for i in bar:
+            record = _decode(opened, i)
+            bar.set_postfix(ms=f"{record['latency_ms']:.0f}", tok=len(record["tokens"]), refresh=False)  # redraws follow mininterval
+        bar.close()
+        return _finish(opened)
+
+
+def _begin(cfg: Config, pairs: PairCache, stack: contextlib.ExitStack, data: TaskData | None = None) -> OpenRun | dict:
+    """A complete run → its row (no lock needed, no folder made for a run whose row lives only in the CSV); else its
+    folder locked until `stack` closes, and the run opened (`_open`)."""
     check_output_dir(cfg.runner.output_dir)
-    files = RunFiles(cfg.runner.output_dir, cfg.experiment_name, rid)
-    force = cfg.runner.force
-    done_row = None if force else files.completed_row()
-    if done_row is not None:  # no lock needed, no folder made for a run whose row lives only in the CSV
-        return _skip(cfg, files, done_row)
-    with files.lock():
-        return _run_locked(cfg, pairs, files)
-
-
-def _run_locked(cfg: Config, pairs: PairCache, files: RunFiles) -> dict[str, object]:
-    opened = _open(cfg, pairs, files)
-    if isinstance(opened, dict):  # finished by another process meanwhile
-        return opened
-    _warm(opened)
-    # In a log file (not a terminal) a bar line every 30 s instead of one per example.
-    interval = 0.1 if sys.stderr.isatty() else 30.0
-    bar = tqdm(opened.todo, desc=files.rid, unit="ex", disable=not cfg.runner.progress, file=sys.stderr, dynamic_ncols=True,
-               mininterval=interval)
-    for i in bar:
-        record = _decode(opened, i)
-        bar.set_postfix(ms=f"{record['latency_ms']:.0f}", tok=len(record["tokens"]), refresh=False)  # redraws follow mininterval
-    bar.close()
-    return _finish(opened)
+    files = RunFiles(cfg.runner.output_dir, cfg.experiment_name, run_id(cfg))
+    done_row = None if cfg.runner.force else files.completed_row()
+    if done_row is not None:
+        return _skip(cfg, files, done_row, data)
+    stack.enter_context(files.lock())
+    return _open(cfg, pairs, files, data)
 
 
 @dataclass
@@ -273,17 +274,9 @@ def run_interleaved(cfgs: list[Config], pairs: PairCache) -> list[dict[str, obje
     rows: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         opened: list[OpenRun] = []
-        data = None
+        data = load_task(cfgs[0].task, cfgs[0].runner.limit)  # one task, one set of examples for every point
         for cfg, rid in zip(cfgs, rids):
-            check_output_dir(cfg.runner.output_dir)
-            files = RunFiles(cfg.runner.output_dir, cfg.experiment_name, rid)
-            done_row = None if cfg.runner.force else files.completed_row()
-            if done_row is not None:
-                rows[rid] = _skip(cfg, files, done_row)
-                continue
-            stack.enter_context(files.lock())
-            data = load_task(cfg.task, cfg.runner.limit) if data is None else data
-            run_or_row = _open(cfg, pairs, files, data)
+            run_or_row = _begin(cfg, pairs, stack, data)
             if isinstance(run_or_row, dict):
                 rows[rid] = run_or_row
             else:
