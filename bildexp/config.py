@@ -112,6 +112,10 @@ class PairConfig:
     small_quant: str = "none"
     large_quant: str = "none"
     quant_group_size: int = 128
+    # Passes of at least this many tokens (prompts, encoder inputs) run a quantized model's layers as dense GEMMs on
+    # the dequantized weights, kept beside the codes: the weight-only kernels cost the same per token at any length,
+    # so an int4 draft's prompt pass is slower than a dense one (bildexp/quant.py). 0: never (no dense copy).
+    quant_dense_rows: int = 0
 
 
 @dataclass
@@ -186,6 +190,10 @@ class ReproduceConfig:
     # One Hydra multirun per entry (`bildexp run -m`): overrides after experiment=<this artifact>, with A,B
     # sweeps; an entry that starts with experiment=OTHER runs that experiment into this one's output_dir.
     sweeps: list[str] = field(default_factory=list)
+    # Run every point of every sweep above as ONE interleaved group in this process (bildexp/runner.py,
+    # run_interleaved): example by example in rotating order, so each speedup divides by a vanilla-large row timed
+    # alongside it. All sweeps must share the task and runner.limit; no Hydra launcher.
+    interleave: bool = False
     # `--tiny`: these overrides replace the same keys in every sweep (tiny pairs, a few examples, short
     # outputs), and each swept value axis keeps only its first and last values (every group choice stays):
     # a check that the config runs.

@@ -11,6 +11,12 @@ the KV cache keep the pair's dtype.
            `aten._weight_int4pack_mm_for_cpu` (CPU, fp32/bf16/fp16 activations) or `aten._weight_int4pack_mm`
            (CUDA, bf16 activations), both taking scales and zeros as [K / group, N, 2] with w = (q - 8) · s + z
 
+The weight-only kernels cost the same per row at any number of rows (a 341-token prompt pays 341 steps' worth of
+weight reads), while a dense GEMM reuses each weight across rows: with `dense_rows` > 0, a pass of at least that many
+rows (a prompt, an encoder input) runs F.linear on the dequantized weights, kept beside the codes in the activation
+dtype. Same weights, another kernel: the quantized model's outputs agree with themselves within rounding, its decode
+steps keep the weight-only kernels, and its weights take their full-precision memory again.
+
 These are the kernels torchao's weight-only configs call on these devices; they are used here directly because
 torchao 0.18's int4 CPU config is a prototype and its int8 weight-only config computes mm(x, w.to(bf16)) · s in eager,
 with no fast CPU path (docs/testbeds.md, "qwen25_int4"). Every nn.Linear is replaced, the LM head included (a tied
@@ -31,7 +37,7 @@ _INT4_INNER_K_TILES = 8  # CUDA packing layout (gpt-fast's choice); the CPU pack
 class WeightOnlyLinear(nn.Module):
     """A Linear layer y = x Wᵀ + b whose W [N, K] is held as int8 or int4 codes with their scales."""
 
-    def __init__(self, linear: nn.Linear, mode: str, group_size: int):
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int, dense_rows: int = 0):
         super().__init__()
         w = linear.weight.detach()  # [N, K]
         self.out_features, self.in_features = w.shape
@@ -59,12 +65,18 @@ class WeightOnlyLinear(nn.Module):
                 self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack(packed, _INT4_INNER_K_TILES))
             else:
                 self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.dense_rows = 0
+        if dense_rows > 0:  # the dequantized weight [N, K] for passes of many rows
+            self.register_buffer("dense", self.dequantize().to(dtype))
+            self.dense_rows = dense_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] → [..., N]
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if self.mode == "int8":
+        if 0 < self.dense_rows <= x2.shape[0]:
+            y = nn.functional.linear(x2, self.dense)
+        elif self.mode == "int8":
             if self.on_cuda:
                 y = nn.functional.linear(x2, self.codes.to(x2.dtype)) * self.scales
             else:
@@ -81,29 +93,32 @@ class WeightOnlyLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight W [N, K] these codes stand for, in float32, read back through the layer's own kernel (x = I)."""
         eye = torch.eye(self.in_features, dtype=self.scales_dtype, device=self.codes.device)
-        bias, self.bias = self.bias, None
+        bias, dense_rows, self.bias, self.dense_rows = self.bias, self.dense_rows, None, 0
         try:
             return self.forward(eye).float().T.contiguous()  # [K, N] → [N, K]
         finally:
-            self.bias = bias
+            self.bias, self.dense_rows = bias, dense_rows
 
     @property
     def scales_dtype(self) -> torch.dtype:
         return (self.scales if self.mode == "int8" else self.scales_and_zeros).dtype
 
     def storage_bytes(self) -> int:
-        """Bytes read per pass: the codes and their scales (and zeros)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes a decode step reads: the codes and their scales (and zeros), not the dense copy for long passes."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "dense")
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}"
+        dense = f", dense_rows={self.dense_rows}" if self.dense_rows else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}{dense}"
 
 
-def check(model: nn.Module, mode: str, group_size: int, what: str) -> None:
+def check(model: nn.Module, mode: str, group_size: int, what: str, dense_rows: int = 0) -> None:
     """One-line errors for a quantization this model, dtype and device cannot take (before anything is replaced)."""
     if mode not in QUANT_MODES:
         raise BildexpError(f"{what}={mode!r} is not one of {', '.join(QUANT_MODES)}")
+    if dense_rows < 0:
+        raise BildexpError(f"pair.quant_dense_rows={dense_rows} must be >= 0 (0: the weight-only kernels at every pass)")
     if mode != "int4":
         return
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -119,14 +134,15 @@ def check(model: nn.Module, mode: str, group_size: int, what: str) -> None:
                            f"{group_size}: set pair.quant_group_size to a power of two that divides {bad[0]}")
 
 
-def quantize(model: nn.Module, mode: str, group_size: int, what: str = "pair.small_quant") -> int:
-    """Replace every nn.Linear of `model` (LM head included) by a WeightOnlyLinear; → the number replaced (0 for none)."""
-    check(model, mode, group_size, what)
+def quantize(model: nn.Module, mode: str, group_size: int, what: str = "pair.small_quant", dense_rows: int = 0) -> int:
+    """Replace every nn.Linear of `model` (LM head included) by a WeightOnlyLinear; → the number replaced (0 for none).
+    dense_rows > 0: passes of at least that many rows run dense on the dequantized weights (WeightOnlyLinear)."""
+    check(model, mode, group_size, what, dense_rows)
     if mode == "none":
         return 0
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name in names:
-        model.set_submodule(name, WeightOnlyLinear(model.get_submodule(name), mode, group_size))
+        model.set_submodule(name, WeightOnlyLinear(model.get_submodule(name), mode, group_size, dense_rows))
     return len(names)
 
 

@@ -5,6 +5,10 @@ section: commands to `prepare` (train heads, build a testbed) and the `sweeps`, 
 after `experiment=<artifact>/<variant>`. Every run is resumable (complete runs are skipped), so an
 interrupted reproduction continues where it stopped when the same command is given again.
 
+With `reproduce.interleave: true` every point of every sweep runs in this process as one interleaved group
+(`runner.interleave`: examples in rotating order, one `interleave_group`), so drift in the machine's speed hits the
+policies and their vanilla-large baseline alike; resumable the same way.
+
 `--tiny` runs the same sweeps on the tiny pairs with a few examples, each swept axis cut to its first and
 last values, into a scratch folder: a check in seconds that the config still composes and runs.
 """
@@ -96,14 +100,32 @@ def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = (), reh
         for command in cfg.reproduce.prepare:
             prepare_in_process(shlex.split(command), cfg.reproduce.rehearse_prepare)
     pairs = PairCache()
+    # A rehearsal walks the loading route: every task, pair and policy, each value axis at its first value.
+    cfgs = [compose_config(*with_tiny(point, shrink))
+            for sweep in sweeps for point in expand(sweep, ends_only=True, first_only=rehearse)]
+    if cfg.reproduce.interleave:
+        from bildexp.runner import run_interleaved
+
+        return run_interleaved(cfgs, pairs)
     rows: dict[str, dict] = {}
-    for sweep in sweeps:
-        # A rehearsal walks the loading route: every task, pair and policy, each value axis at its first value.
-        for point in expand(sweep, ends_only=True, first_only=rehearse):
-            point_cfg = compose_config(*with_tiny(point, shrink))
-            row = run(point_cfg, pairs)
-            rows[row["run_id"]] = row
+    for point_cfg in cfgs:
+        row = run(point_cfg, pairs)
+        rows[row["run_id"]] = row
     return list(rows.values())
+
+
+def run_interleaved_sweeps(cfg, sweeps: list[list[str]], extra: list[str]) -> list[dict]:
+    """Every point of every sweep (with `extra`), composed and checked first, then decoded as one interleaved group."""
+    from bildexp.cli import compose_point
+    from bildexp.models import PairCache
+    from bildexp.runner import run_interleaved
+
+    launcher = next((o for o in extra if o.startswith(("hydra/launcher=", "hydra.launcher."))), None)
+    if launcher is not None:
+        raise BildexpError(f"experiment {cfg.experiment_name} runs interleaved (reproduce.interleave=true), in one "
+                           f"process; {launcher} spreads points over processes: drop it")
+    cfgs = [compose_point([*point, *extra]) for sweep in sweeps for point in expand(sweep)]
+    return run_interleaved(cfgs, PairCache())
 
 
 def prepare_in_process(command: list[str], shrink: list[str]) -> Path:
@@ -117,11 +139,13 @@ def prepare_in_process(command: list[str], shrink: list[str]) -> Path:
 
 
 def run_sweeps(experiment: str, extra: list[str], dry_run: bool = False) -> int:
-    """`prepare`, then each sweep as `bildexp run -m experiment=... SWEEP EXTRA` in its own process."""
+    """`prepare`, then each sweep as `bildexp run -m experiment=... SWEEP EXTRA` in its own process, or (reproduce.interleave)
+    every point of every sweep interleaved in this one."""
     cfg, sweeps = plan(experiment)
     bildexp = [sys.executable, "-m", "bildexp.cli"]
     commands = [[*bildexp, *shlex.split(c)] for c in cfg.reproduce.prepare]
-    commands += [[*bildexp, "run", "-m", *s, *extra] for s in sweeps]
+    if not cfg.reproduce.interleave:
+        commands += [[*bildexp, "run", "-m", *s, *extra] for s in sweeps]
     started = time.perf_counter()
     for i, command in enumerate(commands, 1):
         shown = "bildexp " + shlex.join(command[3:])
@@ -133,6 +157,14 @@ def run_sweeps(experiment: str, extra: list[str], dry_run: bool = False) -> int:
             print(f"bildexp reproduce: stopped: `{shown}` exited with {code}; the same command resumes",
                   file=sys.stderr)
             return code
+    if cfg.reproduce.interleave:
+        points = sum(len(expand(s)) for s in sweeps)
+        print(f"[{len(commands) + 1}/{len(commands) + 1}] {points} points of {len(sweeps)} sweeps, interleaved in this "
+              "process (reproduce.interleave)", file=sys.stderr, flush=True)
+        if not dry_run:
+            from bildexp.cli import _summary_table
+
+            print("\n" + _summary_table(run_interleaved_sweeps(cfg, sweeps, extra)))
     if not dry_run:
         out = next((o.split("=", 1)[1] for o in reversed(extra) if o.startswith("runner.output_dir=")), cfg.runner.output_dir)
         csv = Path(out) / f"{cfg.experiment_name}.csv"

@@ -43,12 +43,31 @@ def test_codes_dequantize_within_their_rounding_error():
         torch.testing.assert_close(q(x), x @ deq.T + linear.bias, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
+def test_long_passes_run_dense_on_the_same_weights():
+    """With dense_rows, a pass of that many rows or more runs F.linear on the dequantized weights: the same outputs as
+    the weight-only kernel within rounding, and shorter passes still take the kernel (they never read the copy)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48)
+    for mode in ("int4", "int8"):
+        kernel, dense = WeightOnlyLinear(linear, mode, GROUP), WeightOnlyLinear(linear, mode, GROUP, dense_rows=4)
+        torch.testing.assert_close(dense.dense, kernel.dequantize())
+        long, short = torch.randn(6, 128), torch.randn(3, 128)
+        torch.testing.assert_close(dense(long), kernel(long), rtol=1e-5, atol=1e-5)
+        dense.dense.zero_()  # a short pass must not read it; a long one now must
+        assert torch.equal(dense(short), kernel(short))
+        assert torch.equal(dense(long), dense.bias.expand(6, 48))
+        assert dense.storage_bytes() == kernel.storage_bytes()  # a decode step reads the codes only
+
+
+@pytest.fixture(scope="module", params=["int4", "int8", "int4-dense4"])
 def quant_pair(request):
-    """tiny_llama with its small model quantized, and the same pair unquantized (both fp32)."""
+    """tiny_llama with its small model quantized (int4-dense4: prompts of 4 tokens or more dense), and the same pair
+    unquantized (both fp32)."""
     plain = load_pair(make_config("pair=tiny_llama").pair)
-    cfg = make_config("pair=tiny_llama", f"pair.small_quant={request.param}", f"pair.quant_group_size={GROUP}")
-    return request.param, load_pair(cfg.pair), plain, cfg
+    mode, _, dense = request.param.partition("-dense")
+    cfg = make_config("pair=tiny_llama", f"pair.small_quant={mode}", f"pair.quant_group_size={GROUP}",
+                      f"pair.quant_dense_rows={dense or 0}")
+    return mode, load_pair(cfg.pair), plain, cfg
 
 
 def _decode(pair, prompts, **kw):
@@ -110,12 +129,15 @@ def test_quant_settings_in_run_id_and_row():
 
     cols = config_columns(q)
     assert (cols["small_quant"], cols["large_quant"], cols["quant_group_size"]) == ("int4", "none", GROUP)
+    dense = make_config("pair=tiny_llama", "pair.small_quant=int4", f"pair.quant_group_size={GROUP}", "pair.quant_dense_rows=16")
+    assert ".small-int4-g32-dense16." in run_id(dense) and config_columns(dense)["quant_dense_rows"] == 16
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["pair.small_quant=int3"], "pair.small_quant='int3' is not one of none, int8, int4"),
     (["pair.small_quant=int4"], "groups of 128"),
     (["pair.small_quant=int4", "pair.quant_group_size=48"], "must be a power of two"),
+    ([f"pair.small_quant=int4", f"pair.quant_group_size={GROUP}", "pair.quant_dense_rows=-1"], "must be >= 0"),
 ])
 def test_unsupported_quantization_is_one_line(overrides, message):
     with pytest.raises(BildexpError, match=message) as err:
