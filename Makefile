@@ -11,7 +11,7 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 sweep-qwen25 sweep-qwen25-int4 \
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 sweep-qwen25 sweep-qwen25-int4 sweep-interleaved \
 	reproduce-results reproduce-figures reproduce-tiny clean
 
 help: ## list the targets
@@ -64,6 +64,13 @@ sweep-qwen25: qwen25 ## the qwen25 experiments on XSUM and WMT into results/offl
 sweep-qwen25-int4: qwen25 ## the int4-draft experiments on WMT and XSUM into results/offline (alone on 2 CPU cores; resumable)
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_wmt
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_xsum
+	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_wmt_interleaved
+	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_xsum_interleaved
+	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
+
+sweep-interleaved: .venv/.installed ## the t5_multi30k claims C1-C5 re-measured as interleaved groups, eager and compiled (alone; resumable)
+	$(BILDEXP) reproduce experiment=interleaved_t5_multi30k
+	$(BILDEXP) reproduce experiment=interleaved_t5_multi30k_compiled
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 
 smollm2-aligned: smollm2 ## align the smollm2 1-layer draft on CNN/DM (~70 min on CPU): checkpoints/smollm2_aligned
@@ -132,6 +139,7 @@ reproduce-results: .venv/.installed ## run every artifact's offline variant into
 reproduce-figures: .venv/.installed ## every paper figure (PNG, PDF) and table (Markdown, LaTeX) from results/offline*/*.csv, in seconds
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 	$(BILDEXP) figures --results results/offline_compiled --out docs/figures/reproduction_compiled
+	$(BILDEXP) plot --csv results/offline/baselines_t5_multi30k.csv --out docs/figures --baseline-pair t5_multi30k
 
 reproduce-tiny: .venv/.installed ## every artifact config (offline and paper) on the tiny pairs: a check that none has rotted
 	@for a in $(ARTIFACTS); do for v in offline paper; do \

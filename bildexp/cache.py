@@ -251,7 +251,7 @@ def _own_code(fn, tag):
     """A copy of fn with a code object of its own: dynamo keeps compiled graphs per code object, so a copy per
     model and pass shape holds exactly one graph, found without searching other models' graphs."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{abs(hash(tag))}")
-    return types.FunctionType(code, fn.__globals__, code.co_name)
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
 
 
 def _decoder_forward(model, tokens, cache, encoder_hidden, source_mask):
@@ -262,10 +262,10 @@ def _decoder_forward(model, tokens, cache, encoder_hidden, source_mask):
                  decoder_input_ids=tokens, cache=cache, use_cache=True).logits
 
 
-def _encode(model, source_ids):
-    # source_ids: [1, S] → each decoder layer's cross-attention (K, V), [1, H, S, d_kv] each: what T5's
-    # cross-attention would compute on its first pass (T5/MT5 module names), done once per example.
-    hidden = model.get_encoder()(input_ids=source_ids).last_hidden_state
+def _encode(model, source_ids, source_mask=None):
+    # source_ids: [1, S] (source_mask [1, S]: 0 at padding) → each decoder layer's cross-attention (K, V), [1, H, S,
+    # d_kv] each: what T5's cross-attention would compute on its first pass (T5/MT5 module names), once per example.
+    hidden = model.get_encoder()(input_ids=source_ids, attention_mask=source_mask).last_hidden_state
     kv = []
     for block in model.decoder.block:
         attn = block.layer[1].EncDecAttention
@@ -312,6 +312,11 @@ class StaticDecoder:
         self.warm = False  # set by warmup: graphs first seen later count as late
         self._session = 0
         self._tokens: dict[int, torch.Tensor] = {}  # bucket → its input buffer [1, bucket]
+        # Under CUDA graphs every input shape is a graph of its own, recorded on a later call than its compile: the
+        # encoder runs on sources padded to a few lengths (source_bucket; masked: padding changes no real position's
+        # output), each compiled and recorded by `warmup`, instead of a graph per source length met while timing.
+        self.bucket_sources = self._cudagraphs
+        self._sources: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # source bucket → (ids, mask) [1, bucket]
         self._graphs: dict[tuple, object] = {}  # ("encoder",) or a pass shape → its compiled function
         self.reserve(_DECODER_ROUND, _SOURCE_ROUND if self.is_encoder_decoder else 0)
 
@@ -384,14 +389,29 @@ class StaticDecoder:
         if self.is_encoder_decoder:
             s = encoder_input_ids.shape[1]
             self.reserve(self.decoder_capacity, s)
-            ids = encoder_input_ids.clone()  # an inference tensor, as in warmup: one kind of input for the graph guards
-            kv = _encode(self.model, ids) if self.compile_mode == "none" else self._call(("encoder",), self.model, ids)
+            if self.bucket_sources:  # padded to its bucket, one fixed input pair per bucket
+                sb = self.source_bucket(s)
+                if sb not in self._sources:
+                    self._sources[sb] = tuple(self._graph_input(torch.zeros(1, sb, dtype=torch.long, device=self.device))
+                                              for _ in range(2))
+                ids, mask = self._sources[sb]
+                ids[:, :s].copy_(encoder_input_ids)
+                mask.zero_()
+                mask[:, :s] = 1
+                args, key = (self.model, ids, mask), ("encoder", sb)
+            else:  # an inference tensor, as in warmup: one kind of input for the graph guards
+                args, key = (self.model, encoder_input_ids.clone()), ("encoder",)
+            kv = _encode(*args) if self.compile_mode == "none" else self._call(key, *args)
             self.source_mask.zero_()
             self.source_mask[:, :s] = 1
             for layer, (k, v) in zip(self.cross_cache.layers, kv):
-                layer.keys[:, :, :s].copy_(k)
-                layer.values[:, :, :s].copy_(v)
+                layer.keys[:, :, :s].copy_(k[:, :, :s])
+                layer.values[:, :, :s].copy_(v[:, :, :s])
         return self._session
+
+    def source_bucket(self, s: int) -> int:
+        """The padded length of an s-token source: the next power of two from 16, at most the source capacity."""
+        return min(max(16, 1 << (s - 1).bit_length()), self.source_capacity)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, length: int, keep: int, session: int) -> torch.Tensor:
@@ -433,10 +453,11 @@ class StaticDecoder:
             # per-call guard checks (~0.4 ms on this CPU, as long as a small model's step) are skipped.
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return fn(*args)
-        # The encoder runs once per example at the source's own length (padding it would cost compute): one graph
-        # with a symbolic length. Decoder passes: one static graph per bucket and capacity.
-        dynamic = key[0] == "encoder"
-        fn = _own_code(_encode if dynamic else _decoder_forward, (id(self), *key))
+        # Without CUDA graphs the encoder runs once per example at the source's own length (padding it would cost
+        # compute): one graph with a symbolic length; with them, one static graph per source bucket. Decoder passes:
+        # one static graph per bucket and capacity.
+        dynamic = key == ("encoder",)
+        fn = _own_code(_encode if key[0] == "encoder" else _decoder_forward, (id(self), *key))
         fn = self._graphs[key] = torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=self.compile_mode)
         t0 = time.perf_counter()  # the first call compiles: timed and counted apart
         # max-autotune writes its kernel benchmark tables to stderr: kept out of the user's terminal (errors still raise)
@@ -458,9 +479,14 @@ class StaticDecoder:
         source = torch.zeros(1, 2, dtype=torch.long, device=self.device) if self.is_encoder_decoder else None
         # CUDA-graph trees run a new graph eagerly first and record it on a later call: three calls each, so that
         # recording happens here too, not in a timed example.
+        calls = 3 if self._cudagraphs else 1
         for kb in sizes:
-            for _ in range(3 if self._cudagraphs else 1):
+            for _ in range(calls):
                 session = self.start(source)
                 self.forward(torch.zeros(1, kb, dtype=torch.long, device=self.device), 0, 1, session)
+        if self.is_encoder_decoder and self.bucket_sources:  # every source bucket up to the reserved capacity
+            for sb in sorted({self.source_bucket(s) for s in range(1, self.source_capacity + 1)}):
+                for _ in range(calls):
+                    self.start(torch.zeros(1, sb, dtype=torch.long, device=self.device))
         self.start(source)
         self.warm = True

@@ -19,18 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-from bildexp.config import CONF_DIR
+from bildexp.config import CONF_DIR, compose_point
 
 USAGE = __doc__.split("\n\n", 1)[1]
-
-
-def _summary_table(rows: list[dict]) -> str:
-    cols = ["policy", "which", "fallback_threshold", "rollback_threshold", "n_examples", "headline_metric",
-            "headline_score", "latency_ms_mean", "large_token_share", "fallback_rate", "rollback_rate"]
-    import pandas as pd
-
-    df = pd.DataFrame(rows).reindex(columns=cols)  # a policy's row lacks the others' knobs
-    return df.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="")
 
 
 def hydra_entry(config_name: str, prog: str, argv: list[str], body) -> int:
@@ -95,7 +86,9 @@ def run_command(argv: list[str]) -> int:
         print(f"\nbildexp: interrupted after {len(rows)} finished run(s); the same command resumes "
               f"(finished runs are skipped, a started one continues from its last example)", file=sys.stderr)
     if rows:
-        print("\n" + _summary_table(rows))
+        from bildexp.results import summary_table
+
+        print("\n" + summary_table(rows))
         print("\nresults: " + ", ".join(csvs))
     return code
 
@@ -126,39 +119,6 @@ def check_sweep_points(argv: list[str]) -> list | None:
         raise BildexpError(f"runner.interleave=true decodes every point in one process; {launcher} spreads them over "
                            "processes: drop one of the two")
     return cfgs
-
-
-def compose_point(overrides: list[str]):
-    """compose_config, with Hydra's and OmegaConf's errors (an unknown key, a wrong type) as one BildexpError line."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from bildexp import BildexpError
-    from bildexp.config import compose_config
-
-    try:
-        return compose_config(*overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise BildexpError(override_error(err)) from None
-
-
-def override_error(err: Exception) -> str:
-    """Hydra's composition error → one line: the unknown key and the keys its section has, or the error's gist."""
-    import dataclasses
-
-    from bildexp import config
-
-    text = f"{err}\n{err.__cause__ or ''}"
-    unknown = re.search(r"Key '([^']+)' not in '(\w+)'", text)
-    full_key = re.search(r"full_key: ([\w.]+)", text)
-    schema = getattr(config, unknown.group(2), None) if unknown else None
-    if unknown and dataclasses.is_dataclass(schema):
-        key = full_key.group(1) if full_key else unknown.group(1)
-        section = key.rsplit(".", 1)[0] if "." in key else "the config"
-        known = ", ".join(f.name for f in dataclasses.fields(schema))
-        return f"unknown key {key}: {section} has {known}"
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(("full_key", "object_type", "reference_type"))]
-    return "; ".join(lines[:2])
 
 
 def train_command(argv: list[str]) -> int:

@@ -7,6 +7,8 @@ the package sees Hydra or OmegaConf.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -455,3 +457,29 @@ def compose_train_config(*overrides: str) -> TrainRunConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_train_config(compose(config_name="train", overrides=list(overrides)))
+
+
+def compose_point(overrides: list[str]):
+    """compose_config, with Hydra's and OmegaConf's errors (an unknown key, a wrong type) as one BildexpError line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose_config(*overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise BildexpError(override_error(err)) from None
+
+
+def override_error(err: Exception) -> str:
+    """Hydra's composition error → one line: the unknown key and the keys its section has, or the error's gist."""
+    text = f"{err}\n{err.__cause__ or ''}"
+    unknown = re.search(r"Key '([^']+)' not in '(\w+)'", text)
+    full_key = re.search(r"full_key: ([\w.]+)", text)
+    schema = globals().get(unknown.group(2)) if unknown else None
+    if unknown and dataclasses.is_dataclass(schema):
+        key = full_key.group(1) if full_key else unknown.group(1)
+        section = key.rsplit(".", 1)[0] if "." in key else "the config"
+        known = ", ".join(f.name for f in dataclasses.fields(schema))
+        return f"unknown key {key}: {section} has {known}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(("full_key", "object_type", "reference_type"))]
+    return "; ".join(lines[:2])

@@ -92,12 +92,9 @@ def _tasks(df: pd.DataFrame):
         yield task, rows, _main_pair(rows)
 
 
-def _against(rows: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
-    out = rows.copy()
-    out["speedup"] = base["latency_ms_mean"] / out["latency_ms_mean"]
-    out["normalized_latency"] = 1.0 / out["speedup"]
-    out["quality_delta"] = out["headline_score"] - base["headline_score"]
-    return out
+def _against(rows: pd.DataFrame, pool: pd.DataFrame, pair: str | None = None, sampling: bool = False) -> pd.DataFrame:
+    """rows with speedups against the baseline the baseline rule picks for each among pool's rows (plots)."""
+    return plots.against_baselines(rows, pool, pair, sampling)
 
 
 def bild_table1(df: pd.DataFrame) -> pd.DataFrame:
@@ -188,7 +185,7 @@ def figure5(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
     tables = []
     for ax, (task, rows, main) in zip(axes, tasks):
         base = _base(rows, main)
-        bild = _against(rows[rows["policy"] == "bild"], base)
+        bild = _against(rows[rows["policy"] == "bild"], rows, main)
         bild["series"] = bild.apply(_ablation, axis=1)
         _reference_lines(ax, base)
         _curves(ax, bild, "series", colors.get)
@@ -238,7 +235,7 @@ def figures6_7(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
         for policy, method, color, label in (("bild", early, "#1f78b4", "BiLD early exit"), ("calm", calm, "#d95f02", "CALM")):
             for pair, pts in method.groupby("pair", sort=True):
                 base = _base(rows, pair)
-                pts = _against(pts, base)
+                pts = _against(pts, rows, pair)
                 pts = pts.assign(headline_score=pts["quality_delta"])
                 front = plots.pareto(pts)
                 ax.scatter(pts["normalized_latency"], pts["headline_score"], color=color, s=10, alpha=0.35)
@@ -298,6 +295,14 @@ def paper_tables3_4(tasks: set[str] | None = None) -> list[dict]:
     return rows
 
 
+def _baseline_text(r: pd.Series) -> str:
+    """Which vanilla-large run a row's speedup divides by (plots' baseline rule): 'interleaved', or the rule and
+    the baseline's finishing time (UTC)."""
+    if r["baseline_rule"] == "interleaved":
+        return "interleaved"
+    return f"{r['baseline_rule']}, {pd.Timestamp(r['baseline_time']).strftime('%m-%d %H:%M')}"
+
+
 def phase_table(df: pd.DataFrame) -> pd.DataFrame:
     """Every run of one task's sweep against its vanilla-large run: score, end-to-end speedup, and the two phases
     apart (the prompt passes, `prefill_ms`, and the rest per output token, `decode_ms_per_token`)."""
@@ -308,7 +313,7 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
         greedy = plots._vanilla_runs(rows, "large", main)
         first = greedy.sort_values("time").iloc[0] if len(greedy) > 1 else None
         keys = ["policy", "sampling", "which", "fallback_threshold", "rollback_threshold", "num_draft_tokens"]
-        runs = _against(plots._normalise(rows), base)
+        runs = _against(rows, rows, main)
         runs = runs.sort_values([k for k in keys if k in runs])
         for _, r in runs.iterrows():
             sampled = ", sampled" if r["sampling"] else ""
@@ -322,6 +327,7 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
             out.append({
                 "task": task, "run": name, "settings": plots._settings(r), base["headline_metric"]: r["headline_score"],
                 "delta": r["quality_delta"], "latency ms": r["latency_ms_mean"], "speedup": r["speedup"],
+                "baseline": _baseline_text(r),
                 **({} if first is None else {"speedup vs first": first["latency_ms_mean"] / r["latency_ms_mean"]}),
                 "prefill ms": r.get("prefill_ms", np.nan), "decode ms/token": r.get("decode_ms_per_token", np.nan),
                 "decode speedup": base.get("decode_ms_per_token", np.nan) / r.get("decode_ms_per_token", np.nan),
@@ -356,7 +362,7 @@ def bild_table5(df: pd.DataFrame) -> pd.DataFrame:
     out = {s: {"setting": s} for s in settings}
     for task, rows, main in _tasks(df):
         base = _base(rows, main, sampling=True)
-        bild = _against(plots._normalise(rows).query("policy == 'bild' and sampling"), base)
+        bild = _against(plots._normalise(rows).query("policy == 'bild' and sampling"), rows, main, sampling=True)
         picks = {"vanilla large": base.to_dict() | {"quality_delta": 0.0, "speedup": 1.0, "policy": "vanilla"},
                  # only a run that scores above the sampled large model improves quality (else "—", not a loss so labelled)
                  "improved_quality": None if (better := bild[bild["quality_delta"] > 0]).empty
@@ -384,7 +390,7 @@ def figure8(df: pd.DataFrame) -> tuple[Figure, pd.DataFrame]:
     names = ["FLOPs", "memory ops", "arithmetic\nintensity", "speedup"]
     for ax, (task, rows, main) in zip(axes, tasks):
         base = _base(rows, main)
-        bild = _against(rows[rows["policy"] == "bild"].dropna(subset=["flops"]), base)
+        bild = _against(rows[rows["policy"] == "bild"].dropna(subset=["flops"]), rows, main)
         tables.append(pd.DataFrame({
             "task": task,
             "settings": bild.apply(_setting_text, axis=1),
@@ -456,14 +462,13 @@ def _tex(s: str) -> str:
 def figure10(df: pd.DataFrame) -> Figure:
     """BiLD Figure 10: one latency-quality curve per rollback threshold, marker size = fallback threshold,
     one panel per task and pair."""
-    panels = [(task, pair, _base(rows, main), pts) for task, rows, main in _tasks(df)
+    panels = [(task, pair, _base(rows, main), _against(pts, rows, main)) for task, rows, main in _tasks(df)
               for pair, pts in rows[rows["policy"] == "bild"].groupby("pair", sort=True)]
     ncols = min(len(panels), 2)
     nrows = int(np.ceil(len(panels) / ncols))
     fig = Figure(figsize=(5.5 * ncols, 4.2 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     for ax, (task, pair, base, pts) in zip(axes, panels):
-        pts = _against(pts, base)
         _reference_lines(ax, base)
         for i, (rb, curve) in enumerate(pts.groupby("rollback_threshold", sort=True)):
             curve = curve.sort_values("fallback_threshold")
@@ -499,7 +504,7 @@ def ppd_latency(df: pd.DataFrame) -> pd.DataFrame:
     """PPD measured (policy=ppd) against Theorem 4.1 at each run's own match rate (claim C8), per task."""
     tables = []
     for task, rows, main in _tasks(df):
-        ppd_rows = _against(rows[rows["policy"] == "ppd"], _base(rows, main))
+        ppd_rows = _against(rows[rows["policy"] == "ppd"], rows, main)
         tables.append(pd.DataFrame({
             "task": task, "pair": ppd_rows["pair"],
             "early layer d̄": ppd_rows["ppd_layer"].map(lambda x: "ceil(d/2)" if pd.isna(x) else str(int(x))),
@@ -570,14 +575,32 @@ def _testbed_sweep(stem: str, df: pd.DataFrame, out: Path) -> list[Path]:
                            "Greedy runs. match latency: the best-scoring BiLD run at least as fast as the baseline's fastest "
                            "window; match quality: the fastest BiLD run scoring at least as well. Paper rows: T4 GPU.")
              + write_table(phase_table(df), out / f"{stem}_runs", f"{stem}: every run, prompt and decode phases apart",
-                           "Against vanilla large (greedy; its newest run, and where it was timed again after the policies "
-                           "(runner.repeat), the first run's speedups beside: a baseline before and after). prefill ms: each "
+                           "Against vanilla large (greedy), the run the baseline rule picks for each row (docs/harness.md, "
+                           "'Baselines': its interleave group's, else its sitting's nearest in time; column baseline), and "
+                           "where vanilla large was timed again after the policies (runner.repeat), the first run's "
+                           "speedups beside: a baseline before and after. prefill ms: each "
                            "model's pass over the prompt, per example; decode ms/token: the rest of the latency per output "
                            "token; hf_assisted's phases are not seen."))
     if plots._as_bool(df.get("sampling", pd.Series(dtype=str))).any():
         paths += write_table(bild_table5(df), out / f"{stem}_table5", f"{stem}: {_nucleus(df)}",
                              "Cells: score (delta to sampled vanilla large), speedup over it[, setting].")
     return paths
+
+
+def _interleaved(stem: str, df: pd.DataFrame, out: Path) -> list[Path]:
+    """An interleaved re-measurement of the t5_multi30k artifacts (conf/experiment/interleaved_t5_multi30k*.yaml),
+    into out/<stem>/ under the artifacts' own names: Figure 4 and Table 1 (BiLD unaligned and aligned), Figure 5
+    (the ablations, aligned pair), Tables 3-4 and, with layer-wise runs, Figures 6-7. Every speedup divides by the
+    vanilla-large row of the same interleave group (plots' baseline rule)."""
+    sub = out / stem
+    sub.mkdir(parents=True, exist_ok=True)
+    pair = df["pair"].astype(str)
+    plain = df[pair.isin(["t5_multi30k", "t5_multi30k_aligned"])]
+    bild, spec = plain["policy"] == "bild", plain["policy"] == "speculative"
+    ablation = bild & (np.isinf(pd.to_numeric(plain["rollback_threshold"], errors="coerce")) | (plain["fallback_threshold"] == 0))
+    ablations = plain[~spec & ~(bild & (plain["pair"] == "t5_multi30k"))]  # the aligned pair's BiLD runs, full and ablated
+    grid = plain[~spec & ~ablation]
+    return _main(grid, sub) + _fig5(ablations, sub) + _baselines(df[~((pair == "t5_multi30k_aligned") & (df["policy"] == "bild"))], sub)
 
 
 def _needs(df: pd.DataFrame, policy: str) -> None:
@@ -613,6 +636,11 @@ ARTIFACTS = [
     ("qwen25_wmt", ("qwen25_wmt",), partial(_testbed_sweep, "qwen25_wmt")),
     ("qwen25_int4_xsum", ("qwen25_int4_xsum",), partial(_testbed_sweep, "qwen25_int4_xsum")),
     ("qwen25_int4_wmt", ("qwen25_int4_wmt",), partial(_testbed_sweep, "qwen25_int4_wmt")),
+    ("qwen25_int4_xsum_interleaved", ("qwen25_int4_xsum_interleaved",), partial(_testbed_sweep, "qwen25_int4_xsum_interleaved")),
+    ("qwen25_int4_wmt_interleaved", ("qwen25_int4_wmt_interleaved",), partial(_testbed_sweep, "qwen25_int4_wmt_interleaved")),
+    ("interleaved_t5_multi30k", ("interleaved_t5_multi30k",), partial(_interleaved, "interleaved_t5_multi30k")),
+    ("interleaved_t5_multi30k_compiled", ("interleaved_t5_multi30k_compiled",),
+     partial(_interleaved, "interleaved_t5_multi30k_compiled")),
 ]
 
 

@@ -85,25 +85,85 @@ def baseline_rows(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
     return base
 
 
-def with_speedup(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
-    """Adds normalized_latency, speedup and quality_delta against each group's vanilla-large row."""
-    base = baseline_rows(df, pair)[GROUP + ["latency_ms_mean", "headline_score", "headline_metric"]]
-    base = base.rename(columns=lambda c: c if c in GROUP else f"_base_{c}")
-    out = df.merge(base, on=GROUP, how="left", validate="many_to_one")
-    mixed = out[out["headline_metric"].notna()
-                & (out["headline_metric"] != out["_base_headline_metric"])]
-    if len(mixed):
+# The baseline rule, the one place every speedup of every table and figure is divided (docs/harness.md, "Baselines"):
+# a run is divided by a vanilla-large row COMPARABLE with it (same task, example count, device, dtype, threads,
+# backend and large model: anything else is refused in one line), and of those by the one of its own interleave
+# group (runner.interleave: timed example by example alongside it); else by the nearest in time of its sitting (same
+# git SHA); else by the nearest in time of any sitting, and `baseline_rule` says which.
+COMPARABLE = ["task", "n_examples", "device", "dtype", "threads", "cache", "compile", "freeze", "large"]
+_COMPARABLE_DEFAULTS = {"cache": "dynamic", "compile": "none", "freeze": False}  # rows from before these columns
+
+
+def _comparable(df: pd.DataFrame) -> pd.DataFrame:
+    """The COMPARABLE columns as text (absent or blank backend columns at their defaults)."""
+    out = pd.DataFrame(index=df.index)
+    for c in COMPARABLE:
+        col = df[c] if c in df else pd.Series(np.nan, index=df.index)
+        out[c] = _as_bool(col) if c == "freeze" else col.astype(object).fillna(_COMPARABLE_DEFAULTS.get(c, ""))
+    return out.astype(str)
+
+
+def against_baselines(rows: pd.DataFrame, pool: pd.DataFrame, pair: str | None = None,
+                      sampling: bool = False) -> pd.DataFrame:
+    """`rows` with normalized_latency, speedup, quality_delta and the baseline each divides by (baseline_run,
+    baseline_rule), chosen among `pool`'s greedy (sampling: sampled) vanilla-large rows by the baseline rule; `pair`,
+    when given, is preferred among comparable rows (several large models' pairs in one CSV)."""
+    out = _normalise(rows)
+    vanilla = _vanilla_runs(pool, "large", sampling=sampling)
+    keys, vkeys = _comparable(out), _comparable(vanilla)
+    picked, rules = [], []
+    for i, row in out.iterrows():
+        cands = vanilla[(vkeys == keys.loc[i]).all(axis=1)]
+        if cands.empty:
+            raise MissingBaselineError(_no_baseline(row, keys.loc[i], vanilla, vkeys, sampling))
+        if pair is not None and (cands["pair"] == pair).any():
+            cands = cands[cands["pair"] == pair]
+        group = row.get("interleave_group", np.nan)
+        interleaved = cands[cands["interleave_group"] == group] if "interleave_group" in cands and pd.notna(group) else cands.iloc[:0]
+        sitting = cands[cands["git_sha"] == row.get("git_sha")] if "git_sha" in cands else cands.iloc[:0]
+        if len(interleaved):
+            cands, rule = interleaved, "interleaved"
+        elif len(sitting):
+            cands, rule = sitting, "same sitting"
+        else:
+            rule = "other sitting"
+        gap = (cands["_time"] - row["_time"]).abs()
+        picked.append(cands.loc[gap.idxmin()])
+        rules.append(rule)
+    base = pd.DataFrame([p.to_dict() for p in picked], index=out.index, columns=vanilla.columns)
+    mixed = out["headline_metric"].notna() & (out["headline_metric"] != base["headline_metric"])
+    if mixed.any():
         # A rougeL score minus a rougeLsum baseline is a meaningless delta: refuse rather than plot it.
-        row = mixed.iloc[0]
-        raise ValueError(
-            f"run {row['run_id']} reports {row['headline_metric']} but the baseline of "
-            f"{_group_name(tuple(row[GROUP]))} reports {row['_base_headline_metric']}; "
-            "re-run one of them with the same metric"
-        )
-    out["normalized_latency"] = out["latency_ms_mean"] / out["_base_latency_ms_mean"]
+        row = out[mixed].iloc[0]
+        raise ValueError(f"run {row['run_id']} reports {row['headline_metric']} but its baseline "
+                         f"{base.loc[row.name, 'run_id']} reports {base.loc[row.name, 'headline_metric']}; "
+                         "re-run one of them with the same metric")
+    out["normalized_latency"] = out["latency_ms_mean"] / base["latency_ms_mean"]
     out["speedup"] = 1.0 / out["normalized_latency"]
-    out["quality_delta"] = out["headline_score"] - out["_base_headline_score"]
-    return out.drop(columns=[c for c in out.columns if c.startswith("_base_")])
+    out["quality_delta"] = out["headline_score"] - base["headline_score"]
+    out["baseline_run"] = base["run_id"]
+    out["baseline_rule"] = rules
+    out["baseline_time"] = base["time"]
+    return out.drop(columns="_time")
+
+
+def _no_baseline(row: pd.Series, key: pd.Series, vanilla: pd.DataFrame, vkeys: pd.DataFrame, sampling: bool) -> str:
+    """One line: which run has no comparable vanilla-large row, and how the nearest one differs."""
+    what = "sampled vanilla-large" if sampling else "vanilla-large"
+    if vanilla.empty:
+        differs = f"the CSV has no {what} run"
+    else:
+        near = (vkeys != key).sum(axis=1).idxmin()
+        differs = "nearest differs in " + ", ".join(f"{c} ({vkeys.loc[near, c]} vs {key[c]})"
+                                                   for c in COMPARABLE if vkeys.loc[near, c] != key[c])
+    return (f"run {row['run_id']}: no {what} run to divide by with the same {', '.join(COMPARABLE)} ({differs}); "
+            f"run: bildexp run task={key['task']} pair={row.get('pair', '<pair>')} policy=vanilla policy.which=large"
+            f" with its settings")
+
+
+def with_speedup(df: pd.DataFrame, pair: str | None = None) -> pd.DataFrame:
+    """Adds normalized_latency, speedup and quality_delta, each row against its baseline (the baseline rule above)."""
+    return against_baselines(df, df, pair)
 
 
 def _fmt(x: float) -> str:

@@ -116,7 +116,7 @@ def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = (), reh
 
 def run_interleaved_sweeps(cfg, sweeps: list[list[str]], extra: list[str]) -> list[dict]:
     """Every point of every sweep (with `extra`), composed and checked first, then decoded as one interleaved group."""
-    from bildexp.cli import compose_point
+    from bildexp.config import compose_point
     from bildexp.models import PairCache
     from bildexp.runner import run_interleaved
 
@@ -162,11 +162,12 @@ def run_sweeps(experiment: str, extra: list[str], dry_run: bool = False) -> int:
         print(f"[{len(commands) + 1}/{len(commands) + 1}] {points} points of {len(sweeps)} sweeps, interleaved in this "
               "process (reproduce.interleave)", file=sys.stderr, flush=True)
         if not dry_run:
-            from bildexp.cli import _summary_table
+            from bildexp.results import summary_table
 
-            print("\n" + _summary_table(run_interleaved_sweeps(cfg, sweeps, extra)))
+            print("\n" + summary_table(run_interleaved_sweeps(cfg, sweeps, extra)))
     if not dry_run:
         out = next((o.split("=", 1)[1] for o in reversed(extra) if o.startswith("runner.output_dir=")), cfg.runner.output_dir)
         csv = Path(out) / f"{cfg.experiment_name}.csv"
-        print(f"{experiment}: {len(commands)} commands in {time.perf_counter() - started:.0f} s; results: {csv}")
+        ran = f"{len(commands)} commands" + (" and one interleaved group" if cfg.reproduce.interleave else "")
+        print(f"{experiment}: {ran} in {time.perf_counter() - started:.0f} s; results: {csv}")
     return 0

@@ -83,6 +83,10 @@ def config_columns(cfg: Config) -> dict[str, object]:
             if name in cols:
                 raise AssertionError(f"config name {name!r} appears in two sections")
             cols[name] = value
+    if cols.get("device") == "auto":  # the device it runs on: a run on a GPU and one on a CPU are different runs
+        from bildexp.models import resolve_device
+
+        cols["device"] = resolve_device("auto").type
     return cols
 
 
@@ -389,3 +393,13 @@ def merge_rows(output_dir: str | Path) -> dict[Path, int]:
             csv = root / f"{exp_dir.name}.csv"
             merged[csv] = upsert_rows(csv, rows)
     return merged
+
+
+def summary_table(rows: list[dict]) -> str:
+    """The short table `bildexp run` and `bildexp reproduce` print after their runs."""
+    cols = ["policy", "which", "fallback_threshold", "rollback_threshold", "n_examples", "headline_metric",
+            "headline_score", "latency_ms_mean", "large_token_share", "fallback_rate", "rollback_rate"]
+    import pandas as pd
+
+    df = pd.DataFrame(rows).reindex(columns=cols)  # a policy's row lacks the others' knobs
+    return df.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="")

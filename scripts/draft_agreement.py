@@ -6,6 +6,7 @@ teacher-forces those outputs through the small model and counts how often its ar
 number where it was: only then is a cheaper draft a better one. Untimed.
 
     python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants none,int8,int4
+    python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants int4 --group-sizes 128,64,32
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10, help="examples (default 10)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quants", default="none,int4", help="weight-only quantizations of the small model (default none,int4)")
+    ap.add_argument("--group-sizes", default=None,
+                    help="int4 group sizes to try, e.g. 128,64,32 (default: the pair's pair.quant_group_size)")
     args = ap.parse_args()
     cfg = compose_config(f"experiment={args.experiment}", f"runner.limit={args.limit}", f"pair.threads={args.threads}",
                          "pair.small_quant=none", "pair.large_quant=none", "pair.cache=dynamic", "pair.compile=none")
@@ -39,10 +42,13 @@ def main() -> None:
     outputs = greedy_outputs(pair, prompts, cfg.task.max_new_tokens, desc="large greedy", progress=False)
     print(f"pair {cfg.pair.name}, task {cfg.task.name} ({len(prompts)} examples, {sum(map(len, outputs))} tokens), "
           f"dtype {cfg.pair.dtype}, device {pair.device}, threads {threads}")
+    groups = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else [cfg.pair.quant_group_size]
     for quant in args.quants.split(","):
-        small = load_model(cfg.pair.small, DTYPES[cfg.pair.dtype], resolve_device(cfg.pair.device))
-        quantize(small, quant, cfg.pair.quant_group_size, "--quants")
-        print(f"small {quant}: top-1 agreement {top1_agreement(small, prompts, outputs):.3f}", flush=True)
+        for group in groups if quant == "int4" else [cfg.pair.quant_group_size]:
+            small = load_model(cfg.pair.small, DTYPES[cfg.pair.dtype], resolve_device(cfg.pair.device))
+            quantize(small, quant, group, "--quants")
+            label = f"{quant} g{group}" if quant == "int4" else quant
+            print(f"small {label}: top-1 agreement {top1_agreement(small, prompts, outputs):.3f}", flush=True)
 
 
 if __name__ == "__main__":

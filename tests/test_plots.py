@@ -110,9 +110,47 @@ def test_table1_separates_policies_and_dashes_when_none_qualifies():
 def test_missing_baseline_names_group_and_command():
     df = results()
     df = df[~((df["task"] == "xsum") & (df["policy"] == "vanilla"))]
-    with pytest.raises(ValueError, match=r"task=xsum device=cuda dtype=float16") as err:
+    with pytest.raises(ValueError, match=r"run xsum-bild-None-3.0-0.5-10: no vanilla-large run to divide by") as err:
         plots.with_speedup(df)
     assert "bildexp run task=xsum pair=t5-xsum policy=vanilla policy.which=large" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _timed(row: dict, minute: int, **kw) -> dict:
+    return row | {"time": f"2025-01-01T12:{minute:02d}:00+00:00", "run_id": f"{row['run_id']}@{minute}", **kw}
+
+
+def test_baseline_rule_interleave_group_then_sitting_then_nearest():
+    """A run divides by the vanilla-large row of its interleave group even when another is nearer in time; else by
+    the nearest of its own sitting (git SHA) even when another sitting's is nearer; else by the nearest; and each
+    row says which rule chose its baseline."""
+    iw = ("iwslt2017", "mt5-iwslt", "bleu")
+    v = _row(*iw, "vanilla", "large", NAN, NAN, 40.0, 1000.0)
+    b = _row(*iw, "bild", None, 0.6, 2.0, 40.0, 500.0)
+    df = pd.DataFrame([
+        _timed(v, 0, git_sha="a", interleave_group="g1"),
+        _timed(v | {"latency_ms_mean": 800.0}, 29, git_sha="a"),  # nearer to the BiLD runs, same sitting
+        _timed(v | {"latency_ms_mean": 1250.0}, 40, git_sha="b"),  # another sitting, nearest to the last run
+        _timed(b, 30, git_sha="a", interleave_group="g1"),
+        _timed(b, 31, git_sha="a"),
+        _timed(b, 41, git_sha="c"),
+    ])
+    got = plots.with_speedup(df).query("policy == 'bild'")
+    assert list(got["speedup"]) == [2.0, 1.6, 2.5]
+    assert list(got["baseline_rule"]) == ["interleaved", "same sitting", "other sitting"]
+    assert list(got["baseline_run"]) == [df["run_id"][0], df["run_id"][1], df["run_id"][2]]
+
+
+@pytest.mark.parametrize("column, value", [("n_examples", 50), ("threads", 2), ("dtype", "bfloat16"),
+                                           ("compile", "default"), ("large", "other-model")])
+def test_baseline_rule_refuses_to_divide_across_settings(column, value):
+    """No vanilla-large run with the same example count, threads, dtype, backend and large model: one line naming
+    what differs, never a speedup against a run of another setting."""
+    iw = ("iwslt2017", "mt5-iwslt", "bleu")
+    df = pd.DataFrame([_row(*iw, "vanilla", "large", NAN, NAN, 40.0, 1000.0),
+                       _row(*iw, "bild", None, 0.6, 2.0, 40.0, 500.0) | {column: value}])
+    with pytest.raises(plots.MissingBaselineError, match=rf"nearest differs in {column} \(") as err:
+        plots.with_speedup(df)
     assert "\n" not in str(err.value)
 
 
@@ -161,13 +199,14 @@ def baselines_results() -> pd.DataFrame:
     rows = [
         _row(*iw, "vanilla", "large", NAN, NAN, 40.0, 1000.0, minute=5),
         # The early-exit pair's own large model, run later and faster by noise: it must NOT be the baseline.
-        _row("iwslt2017", "mt5-iwslt-early_exit", "bleu", "vanilla", "large", NAN, NAN, 38.0, 800.0, minute=9),
+        _row("iwslt2017", "mt5-iwslt-early_exit", "bleu", "vanilla", "large", NAN, NAN, 38.0, 800.0, minute=9)
+        | {"large": "early-exit-model"},
         #            fb   rb   score latency   speedup
         _row(*iw, "bild", None, 0.9, 1.0, 40.5, 900.0),   # 1.11x
         _row(*iw, "bild", None, 0.6, 2.0, 40.2, 760.0),   # 1.32x  both picks
         _row(*iw, "bild", None, 0.5, 3.0, 39.8, 700.0),   # 1.43x
         _row(*iw, "bild", None, 0.3, 3.0, 39.0, 500.0),   # 2.00x
-        _row("iwslt2017", "mt5-iwslt-early_exit", "bleu", "bild", None, 0.4, 1.0, 37.5, 600.0),
+        _row("iwslt2017", "mt5-iwslt-early_exit", "bleu", "bild", None, 0.4, 1.0, 37.5, 600.0) | {"large": "early-exit-model"},
     ]
     for k, lat in ((3, 850.0), (6, 800.0)):  # speculative greedy is exact: the baseline's score
         r = _row(*iw, "speculative", None, NAN, NAN, 40.0, lat)

@@ -141,7 +141,7 @@ def test_the_pair_is_registered_and_its_config_composes(tmp_path, monkeypatch):
 
     pair = compose_config("pair=qwen25").pair
     assert (pair.name, pair.large, pair.small, pair.tokenizer) == ("qwen25", "builtin:qwen25/large", "builtin:qwen25/small", None)
-    assert (pair.dtype, pair.device, pair.threads, pair.build) == ("bfloat16", "cpu", 1, "bildexp build qwen25")
+    assert (pair.dtype, pair.device, pair.threads, pair.build) == ("bfloat16", "auto", 1, "bildexp build qwen25")
     assert builds()["qwen25"].roles == ("large", "small")
     monkeypatch.setenv("BILDEXP_CACHE", str(tmp_path))
     for role in ("large", "small"):  # a built cache resolves without building

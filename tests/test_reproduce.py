@@ -137,6 +137,34 @@ def test_parallel_sweep_merges_without_loss_or_duplication(tmp_path):
     assert sorted(merged["run_id"]) == sorted(df["run_id"])
 
 
+def test_submitit_sweep_gives_the_rows_of_a_local_one(tmp_path):
+    """The cluster route rehearsed: the same sweep through Hydra's submitit launcher (`submitit_local`: the pickled
+    job path SLURM takes, each job in a process of its own) and run locally gives the same run ids, tokens and
+    scores; `bildexp merge` rebuilds its CSV from the run folders."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    sweep = ["experiment_name=sub", "runner.limit=3", "runner.progress=false", "policy=bild",
+             "policy.fallback_threshold=0.3,0.9", "policy.rollback_threshold=1"]
+    outs = {"local": tmp_path / "local", "submitit": tmp_path / "submitit"}
+    for how, out in outs.items():
+        launcher = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"] if how == "submitit" else []
+        cmd = [sys.executable, "-m", "bildexp.cli", "run", "-m", *launcher, f"runner.output_dir={out}", *sweep]
+        subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=PROJECT_ROOT)
+    same = ["run_id", "headline_score", "n_examples", "output_tokens_mean", "large_calls", "fallbacks", "rollbacks"]
+    local, sub = (pd.read_csv(o / "sub.csv").sort_values("run_id").reset_index(drop=True) for o in outs.values())
+    assert len(local) == 2
+    pd.testing.assert_frame_equal(local[same], sub[same])
+    jobs = [p for p in (outs["submitit"] / "runs" / "sub" / ".submitit").iterdir() if p.name.isdigit()]
+    assert len(jobs) == 2  # two jobs went through submitit, each in a folder named by its job id
+    for rid in local["run_id"]:
+        tokens = [[json.loads(line)["tokens"] for line in (o / "runs" / "sub" / rid / "generations.jsonl").open()]
+                  for o in outs.values()]
+        assert tokens[0] == tokens[1]
+    (outs["submitit"] / "sub.csv").unlink()
+    assert merge_rows(outs["submitit"]) == {outs["submitit"] / "sub.csv": 2}
+    pd.testing.assert_frame_equal(pd.read_csv(outs["submitit"] / "sub.csv").sort_values("run_id").reset_index(drop=True)[same],
+                                  local[same])
+
+
 def test_merge_keeps_rows_only_in_the_csv(tmp_path):
     """Runs made before row.json existed live only in the CSV: merging keeps them."""
     upsert_rows(tmp_path / "e.csv", [{"run_id": "old", "x": 1}])
@@ -223,6 +251,19 @@ def test_figures_from_the_committed_csvs_alone(tmp_path):
     assert "40.32, 1.00x" in (tmp_path / "bild_table1.md").read_text()  # the paper's IWSLT vanilla row
     assert "39.93" in (tmp_path / "bild_table3_4.md").read_text()  # the paper's speculative IWSLT row
     assert "Vicuna-13B" in (tmp_path / "ppd_table1.md").read_text() and "ours" in (tmp_path / "ppd_table1.md").read_text()
+
+
+@pytest.mark.parametrize("experiment", ["qwen25_int4_wmt_interleaved", "interleaved_t5_multi30k"])
+def test_interleaved_experiments_time_every_sweep_in_one_group(experiment, tmp_path):
+    """reproduce.interleave: every point of every sweep line decoded in one interleaved group (one interleave_group
+    for all rows), and the runs table divides each speedup by the vanilla-large run of that group."""
+    rows = run_tiny(experiment, tmp_path)
+    assert_every_sweep_ran(experiment, rows)
+    assert len(rows) >= 5 and len({r["interleave_group"] for r in rows}) == 1
+    if experiment.startswith("qwen25"):
+        make_figures(tmp_path, tmp_path / "fig")
+        runs = (tmp_path / "fig" / f"{experiment}_runs.md").read_text()
+        assert "| interleaved |" in runs and "same sitting" not in runs
 
 
 @pytest.mark.parametrize("experiment", ["qwen25_xsum", "qwen25_wmt", "qwen25_int4_wmt"])

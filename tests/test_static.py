@@ -61,6 +61,25 @@ def test_static_state_equals_the_dynamic_one(arch):
         st.advance(new[:, :1])
 
 
+def test_padded_sources_give_the_unpadded_cross_attention():
+    """The CUDA-graph route's encoder buckets, checked uncompiled on a CPU: a source padded to its bucket (masked)
+    gives the decoder the logits of the unpadded source, and warmup runs every bucket up to the capacity."""
+    model = _models()["mt5"]
+    static = StaticDecoder(model)
+    static.bucket_sources = True
+    static.reserve(64, 40)
+    assert [static.source_bucket(s) for s in (1, 6, 16, 17, 33, 40)] == [16, 16, 16, 32, 48, 48]
+    seq = torch.tensor([[2, 11, 12, 13, 14]])
+    for enc in (torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.arange(3, 40).unsqueeze(0), torch.tensor([[4, 5]])):
+        dyn, st = ModelState(model, enc), ModelState(model, enc, static=static)
+        torch.testing.assert_close(st.advance(seq[:, :2], keep=2), dyn.advance(seq[:, :2], keep=2), atol=1e-5, rtol=1e-5)
+        for i in range(2, 5):
+            torch.testing.assert_close(st.advance(seq[:, i : i + 1]), dyn.advance(seq[:, i : i + 1]), atol=1e-5, rtol=1e-5)
+    assert sorted(static._sources) == [16, 48]
+    static.warmup(1)
+    assert sorted(static._sources) == [16, 32, 48]
+
+
 def test_static_capacity_grows_mid_example_keeping_the_cache():
     model = _models()["qwen2"]
     static = StaticDecoder(model)

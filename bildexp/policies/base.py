@@ -40,7 +40,11 @@ class Generation:
 
 @dataclass
 class Sequence:
-    """The growing decoder sequence: prefix + generated tokens, with who produced each one."""
+    """The growing decoder sequence: prefix + generated tokens, with who produced each one.
+
+    The tokens live twice: as Python ints (what the policies decide on) and in a buffer on the models' device, which
+    `append` writes one element at a time (a fill on the device: no host-device sync) and `span` slices (a view: no
+    copy), so feeding the models never waits for the device."""
 
     tokens: list[int]
     prefix_len: int
@@ -48,6 +52,10 @@ class Sequence:
     eos_ids: tuple[int, ...]
     device: torch.device
     provenance: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._ids = torch.empty(len(self.tokens) + self.max_new_tokens + 1, dtype=torch.long, device=self.device)
+        self._ids[: len(self.tokens)] = torch.tensor(self.tokens, dtype=torch.long)  # the prefix: one copy per example
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,6 +66,10 @@ class Sequence:
         return n_new >= self.max_new_tokens or (n_new > 0 and self.tokens[-1] in self.eos_ids)
 
     def append(self, token: int, source: str) -> None:
+        n = len(self.tokens)
+        if n == len(self._ids):  # past max_new_tokens (never in the policies' loop): room for as many again
+            self._ids = torch.cat([self._ids, torch.empty_like(self._ids)])
+        self._ids[n] = token
         self.tokens.append(token)
         self.provenance.append(source)
 
@@ -67,8 +79,9 @@ class Sequence:
         del self.provenance[n - self.prefix_len :]
 
     def span(self, start: int, end: int | None = None) -> torch.Tensor:
-        # -> [1, end - start]
-        return torch.tensor([self.tokens[start:end]], dtype=torch.long, device=self.device)
+        """tokens[start:end] on the device → [1, end - start] (a view of the buffer: read it before the next append)."""
+        start, end, _ = slice(start, end).indices(len(self.tokens))
+        return self._ids[start:end].unsqueeze(0)
 
 
 def top_nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -52,11 +52,15 @@ class BiLD(Policy):
             self.small_step(seq)
 
     def small_step(self, seq: Sequence) -> None:
-        logits = self.small.advance(seq.span(self.small.length))  # [1, V]
+        logits = self.small.advance(seq.span(self.small.length))[-1]  # [V]
         self.counters["small_steps"] += 1
-        probs = self.probs(logits[-1])
-        if float(probs.max()) > self.cfg.fallback_threshold:
-            seq.append(self.choose(logits[-1], probs), SMALL)
+        probs = self.probs(logits)
+        if self.cfg.sampling:
+            confidence, token = float(probs.max()), None
+        else:  # the confidence and the greedy token in one read from the device
+            confidence, token = torch.stack([probs.max().double(), logits.argmax().double()]).tolist()
+        if confidence > self.cfg.fallback_threshold:
+            seq.append(self.choose(logits, probs) if token is None else int(token), SMALL)
             self.pending += 1
             self.counters["small_tokens"] += 1
         else:
@@ -74,27 +78,37 @@ class BiLD(Policy):
         logits = self.large.advance(seq.span(self.large.length, end), keep)  # [keep, V]
         self.counters["large_calls"] += 1
         self.pending = 0
-        if u > 0:
-            j = self.first_rejected(logits[:u], seq.span(n - u))
-            if j is not None:
-                m = n - u + j  # index of the rejected token in seq
-                self.counters["rollbacks"] += 1
-                self.counters["tokens_rolled_back"] += n - m
-                seq.truncate(m)
-                self.large.rollback(m)
-                self.small.rollback(min(self.small.length, m))
-                seq.append(self.choose(logits[j]), LARGE)
-                return
-        if not finishing:
-            seq.append(self.choose(logits[-1]), LARGE)
+        j, token = self.verdict(logits, seq.span(n - u), u)
+        if j is not None:
+            m = n - u + j  # index of the rejected token in seq
+            self.counters["rollbacks"] += 1
+            self.counters["tokens_rolled_back"] += n - m
+            seq.truncate(m)
+            self.large.rollback(m)
+            self.small.rollback(min(self.small.length, m))
+            seq.append(self.choose(logits[j]) if token is None else token, LARGE)
+        elif not finishing:
+            seq.append(self.choose(logits[-1]) if token is None else token, LARGE)
 
-    def first_rejected(self, logits: torch.Tensor, small_tokens: torch.Tensor) -> int | None:
-        """logits [u, V] of the large model at the u pending small tokens [1, u] → first index to roll back."""
+    def verdict(self, logits: torch.Tensor, small_tokens: torch.Tensor, u: int) -> tuple[int | None, int | None]:
+        """logits [keep, V] of the large model, the first u at the u pending small tokens [1, u] → (the first index to
+        roll back, or None; greedy: the large model's token there, or at the last row when none is, else None).
+        Greedy reads the device once: the rejection flags and the argmaxes together."""
+        if self.cfg.sampling:
+            hits = torch.nonzero(self.rejected(logits[:u], small_tokens)) if u else []
+            return (int(hits[0, 0]) if len(hits) else None), None
+        greedy = logits.argmax(-1)  # [keep]
+        read = (torch.cat([self.rejected(logits[:u], small_tokens).long(), greedy]) if u else greedy).tolist()  # [u + keep]
+        flagged, greedy = read[:u], read[u:]
+        j = flagged.index(1) if 1 in flagged else None
+        return j, greedy[-1 if j is None else j]
+
+    def rejected(self, logits: torch.Tensor, small_tokens: torch.Tensor) -> torch.Tensor:
+        """logits [u, V] of the large model at the u pending small tokens [1, u] → which to roll back [u] (bool)."""
         logp = torch.log_softmax(logits.float() / self.cfg.temperature, dim=-1)
         labels = small_tokens[0].unsqueeze(-1)  # [u, 1]
         distance = -logp.gather(-1, labels).squeeze(-1)  # [u] cross-entropy of each small token
         rejected = distance > self.cfg.rollback_threshold
         if not self.cfg.sampling:
             rejected &= logp.argmax(-1) != small_tokens[0]
-        hits = torch.nonzero(rejected)
-        return int(hits[0, 0]) if len(hits) else None
+        return rejected
