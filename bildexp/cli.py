@@ -101,7 +101,7 @@ def check_sweep_points(argv: list[str]) -> list | None:
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return None
     from bildexp import BildexpError
-    from bildexp.reproduce import expand
+    from bildexp.reproduce import expand, spreading_launcher
     from bildexp.results import check_output_dir
 
     check_group_choices(argv)  # an unknown group option (task=foo): its own line, with the choices
@@ -114,8 +114,8 @@ def check_sweep_points(argv: list[str]) -> list | None:
             check_output_dir(cfgs[-1].runner.output_dir)  # Hydra makes its sweep folder there first
     if not (sweep and any(c.runner.interleave for c in cfgs)):
         return None
-    launcher = next((a for a in argv if a.startswith(("hydra/launcher=", "hydra.launcher."))), None)
-    if launcher is not None and launcher not in ("hydra/launcher=basic",):
+    launcher = spreading_launcher(argv)
+    if launcher is not None:
         raise BildexpError(f"runner.interleave=true decodes every point in one process; {launcher} spreads them over "
                            "processes: drop one of the two")
     return cfgs

@@ -114,13 +114,20 @@ def run_tiny(experiment: str, output_dir: str | Path, extra: list[str] = (), reh
     return list(rows.values())
 
 
+def spreading_launcher(overrides: list[str]) -> str | None:
+    """The override choosing a Hydra launcher that spreads points over processes (any but `basic`), if one is given:
+    interleaving needs every point in one process."""
+    return next((o for o in overrides if o.startswith(("hydra/launcher=", "hydra.launcher."))
+                 and o != "hydra/launcher=basic"), None)
+
+
 def run_interleaved_sweeps(cfg, sweeps: list[list[str]], extra: list[str]) -> list[dict]:
     """Every point of every sweep (with `extra`), composed and checked first, then decoded as one interleaved group."""
     from bildexp.config import compose_point
     from bildexp.models import PairCache
     from bildexp.runner import run_interleaved
 
-    launcher = next((o for o in extra if o.startswith(("hydra/launcher=", "hydra.launcher."))), None)
+    launcher = spreading_launcher(extra)
     if launcher is not None:
         raise BildexpError(f"experiment {cfg.experiment_name} runs interleaved (reproduce.interleave=true), in one "
                            f"process; {launcher} spreads points over processes: drop it")
