@@ -11,7 +11,7 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 sweep-qwen25 sweep-qwen25-int4 sweep-interleaved \
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 qwen25-aligned sweep-qwen25 sweep-qwen25-int4 sweep-interleaved \
 	reproduce-results reproduce-figures reproduce-tiny clean
 
 help: ## list the targets
@@ -67,6 +67,11 @@ sweep-qwen25-int4: qwen25 ## the int4-draft experiments on WMT and XSUM into res
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_wmt_interleaved
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_xsum_interleaved
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
+
+qwen25-aligned: qwen25 ## align the qwen25 0.5B draft on WMT news tests 2008-12 (~1 h on CPU): checkpoints/qwen25_aligned
+	$(BILDEXP) align task=wmt pair=qwen25 train=align_qwen25 pair.threads=2 task.max_new_tokens=64 \
+	  align.calibration_examples=300 align.agreement_examples=10 align.output_dir=checkpoints/qwen25_aligned \
+	  align.calibration_file=$(DATA)/wmt_de_en_extra/newstest2008-2012.jsonl
 
 sweep-interleaved: .venv/.installed ## the t5_multi30k claims C1-C5 re-measured as interleaved groups, eager and compiled (alone; resumable)
 	$(BILDEXP) reproduce experiment=interleaved_t5_multi30k

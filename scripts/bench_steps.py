@@ -8,7 +8,8 @@ bildexp's static cache, and compiled on the static cache (inductor on CPU; its p
 Threads, dtype and device are on every line; compile time is printed apart. A draft can also be made by
 slicing the large model's first N decoder layers (`--draft-layers N`, shared head). `--small-quants none,int8,int4`
 adds a row block per weight-only quantization of the small model (bildexp/quant.py; `--large-quant` quantizes the
-large one), so a quantized draft's step is compared with the full-precision large model's on one backend.
+large one), so a quantized draft's step is compared with the full-precision large model's on one backend; `int4-g32`
+names an int4 group size of its own (others take `--group-size`), so group sizes compare in one run.
 
     python scripts/bench_steps.py --pair t5_multi30k --context 12 --source 24
     python scripts/bench_steps.py --pair tiny_t5 --backends dynamic,static-default --dtypes float32
@@ -16,6 +17,8 @@ large one), so a quantized draft's step is compared with the full-precision larg
     python scripts/bench_steps.py --large builtin:smollm2/large --draft-layers 1 --context 256 --backends dynamic
     python scripts/bench_steps.py --pair qwen25 --dtypes bfloat16 --threads 2 --context 64 --ks 1,4 --reps 5 \
         --small-quants none,int4 --backends dynamic,static-default
+    python scripts/bench_steps.py --pair qwen25 --dtypes bfloat16 --threads 2 --context 64 --ks 1,4 --reps 5 \
+        --small-quants int4-g128,int4-g64,int4-g32 --backends static-default
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def main() -> None:
     ap.add_argument("--backends", default="dynamic,static,static-default", help=f"comma-separated: {BACKENDS}")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when there is one)")
     ap.add_argument("--small-quants", default="none", help="comma-separated weight-only quantizations of the small "
-                    "model, one row block each: none, int8, int4 (default none)")
+                    "model, one row block each: none, int8, int4, int4-g<group size> (default none)")
     ap.add_argument("--large-quant", default="none", help="weight-only quantization of the large model (default none)")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (pair.quant_group_size, default 128)")
     args = ap.parse_args()
@@ -129,7 +132,10 @@ def main() -> None:
                 smalls[quant] = first_layers(large, args.draft_layers)
                 continue
             smalls[quant] = load_model(small_name, DTYPES[dtype], device)
-            quantize(smalls[quant], quant, args.group_size, "--small-quants")
+            mode, _, group = quant.partition("-g")
+            if group and not group.isdigit():
+                raise SystemExit(f"--small-quants: {quant!r} is not a quantization (none, int8, int4, int4-g<group size>)")
+            quantize(smalls[quant], mode, int(group or args.group_size), "--small-quants")
         for backend in args.backends.split(","):
             decoders = {"large": decoder_for(large, backend), **{q: decoder_for(m, backend) for q, m in smalls.items()}}
             if decoders["large"] is not None:

@@ -7,6 +7,9 @@ number where it was: only then is a cheaper draft a better one. Untimed.
 
     python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants none,int8,int4
     python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants int4 --group-sizes 128,64,32
+    python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants none,int4 pair=qwen25_int4_aligned
+
+Trailing KEY=VALUE arguments are config overrides (e.g. another pair: a prediction-aligned draft).
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ def main() -> None:
     ap.add_argument("--quants", default="none,int4", help="weight-only quantizations of the small model (default none,int4)")
     ap.add_argument("--group-sizes", default=None,
                     help="int4 group sizes to try, e.g. 128,64,32 (default: the pair's pair.quant_group_size)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pair=qwen25_int4_aligned")
     args = ap.parse_args()
-    cfg = compose_config(f"experiment={args.experiment}", f"runner.limit={args.limit}", f"pair.threads={args.threads}",
+    cfg = compose_config(f"experiment={args.experiment}", *args.overrides, f"runner.limit={args.limit}", f"pair.threads={args.threads}",
                          "pair.small_quant=none", "pair.large_quant=none", "pair.cache=dynamic", "pair.compile=none")
     threads, _, pair, encoded = prepare(cfg, PairCache())
     prompts = [p for p, _ in encoded]

@@ -3,10 +3,14 @@ policies still exact against the large model in fp32, the static compiled path, 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from bildexp import BildexpError
+from bildexp import PROJECT_ROOT, BildexpError
 from bildexp.config import PolicyConfig
 from bildexp.cost import ModelCost
 from bildexp.models import load_pair
@@ -143,3 +147,31 @@ def test_unsupported_quantization_is_one_line(overrides, message):
     with pytest.raises(BildexpError, match=message) as err:
         load_pair(make_config("pair=tiny_llama", *overrides).pair)
     assert "\n" not in str(err.value)
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=600)
+
+
+def test_bench_steps_compares_int4_group_sizes_in_one_run():
+    """scripts/bench_steps.py: `int4-g<N>` rows name their own group size, one row block each, one run; a malformed
+    one is a one-line refusal."""
+    out = _script("scripts/bench_steps.py", "--pair", "tiny_llama", "--dtypes", "float32", "--backends", "dynamic",
+                  "--ks", "1", "--reps", "1", "--small-quants", "int4-g32,int4-g64")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("float32")]
+    assert [r[1] for r in rows] == ["int4-g32", "int4-g64"] and all(float(r[5]) > 0 for r in rows)
+    bad = _script("scripts/bench_steps.py", "--pair", "tiny_llama", "--small-quants", "int4-gx")
+    assert bad.returncode != 0 and "is not a quantization" in bad.stderr
+
+
+def test_draft_agreement_takes_group_sizes_and_config_overrides():
+    """scripts/draft_agreement.py on another pair (a trailing override), one agreement line per int4 group size."""
+    out = _script("scripts/draft_agreement.py", "--experiment", "qwen25_int4_wmt", "--limit", "2", "--quants", "none,int4",
+                  "--group-sizes", "32,64", "pair=tiny_llama", "task.max_new_tokens=6")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("small ")]
+    assert [line.split(":")[0] for line in lines] == ["small none", "small int4 g32", "small int4 g64"]
+    assert "pair tiny_llama, task wmt (2 examples" in out.stdout
+    assert all(0.0 <= float(line.rsplit(" ", 1)[1]) <= 1.0 for line in lines)
