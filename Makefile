@@ -68,7 +68,7 @@ sweep-qwen25-int4: qwen25 ## the int4-draft experiments on WMT and XSUM into res
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_xsum_interleaved
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 
-qwen25-aligned: qwen25 ## align the qwen25 0.5B draft on WMT news tests 2008-12 (~1 h on CPU): checkpoints/qwen25_aligned
+qwen25-aligned: qwen25 ## align the qwen25 0.5B draft on WMT news tests 2008-12 (~70 min on CPU): checkpoints/qwen25_aligned
 	$(BILDEXP) align task=wmt pair=qwen25 train=align_qwen25 pair.threads=2 task.max_new_tokens=64 \
 	  align.calibration_examples=300 align.agreement_examples=10 align.output_dir=checkpoints/qwen25_aligned \
 	  align.calibration_file=$(DATA)/wmt_de_en_extra/newstest2008-2012.jsonl

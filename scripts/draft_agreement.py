@@ -8,8 +8,11 @@ number where it was: only then is a cheaper draft a better one. Untimed.
     python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants none,int8,int4
     python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants int4 --group-sizes 128,64,32
     python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants none,int4 pair=qwen25_int4_aligned
+    python scripts/draft_agreement.py --experiment qwen25_int4_wmt --limit 10 --threads 2 --quants int4 --group-sizes 64,32 --head-group-size 128
 
-Trailing KEY=VALUE arguments are config overrides (e.g. another pair: a prediction-aligned draft).
+Trailing KEY=VALUE arguments are config overrides (e.g. another pair: a prediction-aligned draft). `--head-group-size`
+quantizes the LM head in int4 groups of its own (the decoder layers take `--group-sizes`), to tell which weights'
+rounding costs the agreement.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from bildexp.align import greedy_outputs, top1_agreement
 from bildexp.config import compose_config
 from bildexp.models import DTYPES, PairCache, load_model, resolve_device
-from bildexp.quant import quantize
+from bildexp.quant import WeightOnlyLinear, quantize
 from bildexp.runner import prepare
 
 
@@ -37,6 +40,8 @@ def main() -> None:
     ap.add_argument("--quants", default="none,int4", help="weight-only quantizations of the small model (default none,int4)")
     ap.add_argument("--group-sizes", default=None,
                     help="int4 group sizes to try, e.g. 128,64,32 (default: the pair's pair.quant_group_size)")
+    ap.add_argument("--head-group-size", type=int, default=None,
+                    help="int4: the LM head's own group size (default: the layers' group size)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pair=qwen25_int4_aligned")
     args = ap.parse_args()
     cfg = compose_config(f"experiment={args.experiment}", *args.overrides, f"runner.limit={args.limit}", f"pair.threads={args.threads}",
@@ -50,8 +55,11 @@ def main() -> None:
     for quant in args.quants.split(","):
         for group in groups if quant == "int4" else [cfg.pair.quant_group_size]:
             small = load_model(cfg.pair.small, DTYPES[cfg.pair.dtype], resolve_device(cfg.pair.device))
-            quantize(small, quant, group, "--quants")
             label = f"{quant} g{group}" if quant == "int4" else quant
+            if quant == "int4" and args.head_group_size:  # the head first: quantize() then takes the other Linear layers
+                small.set_output_embeddings(WeightOnlyLinear(small.get_output_embeddings(), quant, args.head_group_size))
+                label += f", head g{args.head_group_size}"
+            quantize(small, quant, group, "--quants")
             print(f"small {label}: top-1 agreement {top1_agreement(small, prompts, outputs):.3f}", flush=True)
 
 
