@@ -9,7 +9,8 @@ Threads, dtype and device are on every line; compile time is printed apart. A dr
 slicing the large model's first N decoder layers (`--draft-layers N`, shared head). `--small-quants none,int8,int4`
 adds a row block per weight-only quantization of the small model (bildexp/quant.py; `--large-quant` quantizes the
 large one), so a quantized draft's step is compared with the full-precision large model's on one backend; `int4-g32`
-names an int4 group size of its own (others take `--group-size`), so group sizes compare in one run.
+names an int4 group size of its own (others take `--group-size`), so group sizes compare in one run;
+`--head-group-size` gives the int4 draft's LM head groups of their own (the decoder layers keep theirs).
 
     python scripts/bench_steps.py --pair t5_multi30k --context 12 --source 24
     python scripts/bench_steps.py --pair tiny_t5 --backends dynamic,static-default --dtypes float32
@@ -19,6 +20,8 @@ names an int4 group size of its own (others take `--group-size`), so group sizes
         --small-quants none,int4 --backends dynamic,static-default
     python scripts/bench_steps.py --pair qwen25 --dtypes bfloat16 --threads 2 --context 64 --ks 1,4 --reps 5 \
         --small-quants int4-g128,int4-g64,int4-g32 --backends static-default
+    python scripts/bench_steps.py --pair qwen25 --dtypes bfloat16 --threads 2 --context 64 --ks 1,4 --reps 5 \
+        --small-quants int4-g64 --head-group-size 128 --backends static-default
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from bildexp.config import COMPILE_MODES
 from bildexp.layerwise import first_layers
 from bildexp import BildexpError
 from bildexp.models import DTYPES, load_model, resolve_device
-from bildexp.quant import quantize
+from bildexp.quant import WeightOnlyLinear, quantize
 from bildexp.timing import synchronize
 
 BACKENDS = "dynamic, static, static-<pair.compile mode>[-frozen] (-frozen: pair.freeze=true)"
@@ -102,6 +105,8 @@ def main() -> None:
                     "model, one row block each: none, int8, int4, int4-g<group size> (default none)")
     ap.add_argument("--large-quant", default="none", help="weight-only quantization of the large model (default none)")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size (pair.quant_group_size, default 128)")
+    ap.add_argument("--head-group-size", type=int, default=None,
+                    help="int4 drafts: the LM head's own group size (default: the layers' group size)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -119,7 +124,8 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     print(f"threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} device={device} "
           f"context={args.context} source={args.source} reps={args.reps} torch={torch.__version__}")
-    print(f"large={large_name} small={'first %d layers of large' % args.draft_layers if args.draft_layers else small_name}")
+    print(f"large={large_name} small={'first %d layers of large' % args.draft_layers if args.draft_layers else small_name}"
+          + (f" (int4 LM head in groups of {args.head_group_size})" if args.head_group_size else ""))
     print(f"{'dtype':<9} {'small quant':<11} {'backend':<40} {'k':>2} {'large ms':>9} {'small ms':>9} {'large/small':>11} "
           f"{'large k/1':>9}")
     compile_lines = []
@@ -135,6 +141,9 @@ def main() -> None:
             mode, _, group = quant.partition("-g")
             if group and not group.isdigit():
                 raise SystemExit(f"--small-quants: {quant!r} is not a quantization (none, int8, int4, int4-g<group size>)")
+            if mode == "int4" and args.head_group_size:  # the head first: quantize() then takes the other Linear layers
+                head = smalls[quant].get_output_embeddings()
+                smalls[quant].set_output_embeddings(WeightOnlyLinear(head, mode, args.head_group_size))
             quantize(smalls[quant], mode, int(group or args.group_size), "--small-quants")
         for backend in args.backends.split(","):
             decoders = {"large": decoder_for(large, backend), **{q: decoder_for(m, backend) for q, m in smalls.items()}}

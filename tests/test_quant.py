@@ -162,6 +162,10 @@ def test_bench_steps_compares_int4_group_sizes_in_one_run():
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("float32")]
     assert [r[1] for r in rows] == ["int4-g32", "int4-g64"] and all(float(r[5]) > 0 for r in rows)
+    head = _script("scripts/bench_steps.py", "--pair", "tiny_llama", "--dtypes", "float32", "--backends", "dynamic",
+                   "--ks", "1", "--reps", "1", "--small-quants", "int4-g32", "--head-group-size", "64")
+    assert head.returncode == 0, head.stderr
+    assert "(int4 LM head in groups of 64)" in head.stdout and len([l for l in head.stdout.splitlines() if l.startswith("float32")]) == 1
     bad = _script("scripts/bench_steps.py", "--pair", "tiny_llama", "--small-quants", "int4-gx")
     assert bad.returncode != 0 and "is not a quantization" in bad.stderr
 
