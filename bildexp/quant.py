@@ -134,12 +134,18 @@ def check(model: nn.Module, mode: str, group_size: int, what: str, dense_rows: i
                            f"{group_size}: set pair.quant_group_size to a power of two that divides {bad[0]}")
 
 
-def quantize(model: nn.Module, mode: str, group_size: int, what: str = "pair.small_quant", dense_rows: int = 0) -> int:
+def quantize(model: nn.Module, mode: str, group_size: int, what: str = "pair.small_quant", dense_rows: int = 0,
+             head_group_size: int | None = None) -> int:
     """Replace every nn.Linear of `model` (LM head included) by a WeightOnlyLinear; → the number replaced (0 for none).
-    dense_rows > 0: passes of at least that many rows run dense on the dequantized weights (WeightOnlyLinear)."""
+    dense_rows > 0: passes of at least that many rows run dense on the dequantized weights (WeightOnlyLinear).
+    head_group_size (int4): the LM head's own group size (the other layers take group_size)."""
     check(model, mode, group_size, what, dense_rows)
     if mode == "none":
         return 0
+    if mode == "int4" and head_group_size:
+        head = model.get_output_embeddings()
+        check(head, mode, head_group_size, what, dense_rows)
+        model.set_output_embeddings(WeightOnlyLinear(head, mode, head_group_size, dense_rows))
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name in names:
         model.set_submodule(name, WeightOnlyLinear(model.get_submodule(name), mode, group_size, dense_rows))

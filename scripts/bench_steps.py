@@ -41,7 +41,7 @@ from bildexp.config import COMPILE_MODES
 from bildexp.layerwise import first_layers
 from bildexp import BildexpError
 from bildexp.models import DTYPES, load_model, resolve_device
-from bildexp.quant import WeightOnlyLinear, quantize
+from bildexp.quant import quantize
 from bildexp.timing import synchronize
 
 BACKENDS = "dynamic, static, static-<pair.compile mode>[-frozen] (-frozen: pair.freeze=true)"
@@ -141,10 +141,7 @@ def main() -> None:
             mode, _, group = quant.partition("-g")
             if group and not group.isdigit():
                 raise SystemExit(f"--small-quants: {quant!r} is not a quantization (none, int8, int4, int4-g<group size>)")
-            if mode == "int4" and args.head_group_size:  # the head first: quantize() then takes the other Linear layers
-                head = smalls[quant].get_output_embeddings()
-                smalls[quant].set_output_embeddings(WeightOnlyLinear(head, mode, args.head_group_size))
-            quantize(smalls[quant], mode, int(group or args.group_size), "--small-quants")
+            quantize(smalls[quant], mode, int(group or args.group_size), "--small-quants", head_group_size=args.head_group_size)
         for backend in args.backends.split(","):
             decoders = {"large": decoder_for(large, backend), **{q: decoder_for(m, backend) for q, m in smalls.items()}}
             if decoders["large"] is not None:

@@ -28,7 +28,7 @@ import torch
 from bildexp.align import greedy_outputs, top1_agreement
 from bildexp.config import compose_config
 from bildexp.models import DTYPES, PairCache, load_model, resolve_device
-from bildexp.quant import WeightOnlyLinear, quantize
+from bildexp.quant import quantize
 from bildexp.runner import prepare
 
 
@@ -56,10 +56,9 @@ def main() -> None:
         for group in groups if quant == "int4" else [cfg.pair.quant_group_size]:
             small = load_model(cfg.pair.small, DTYPES[cfg.pair.dtype], resolve_device(cfg.pair.device))
             label = f"{quant} g{group}" if quant == "int4" else quant
-            if quant == "int4" and args.head_group_size:  # the head first: quantize() then takes the other Linear layers
-                small.set_output_embeddings(WeightOnlyLinear(small.get_output_embeddings(), quant, args.head_group_size))
+            if quant == "int4" and args.head_group_size:
                 label += f", head g{args.head_group_size}"
-            quantize(small, quant, group, "--quants")
+            quantize(small, quant, group, "--quants", head_group_size=args.head_group_size)
             print(f"small {label}: top-1 agreement {top1_agreement(small, prompts, outputs):.3f}", flush=True)
 
 

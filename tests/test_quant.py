@@ -108,6 +108,21 @@ def test_quantized_draft_on_the_compiled_static_path(toy_examples):
     assert pair.late_compiles() == 0
 
 
+def test_lm_head_takes_its_own_int4_group_size():
+    """quantize(head_group_size=...): the LM head in groups of its own, every other layer in group_size; a head width
+    the head's group size does not divide is refused in one line."""
+    from bildexp.models import load_model
+
+    model = load_model("builtin:tiny_llama/small", torch.float32, torch.device("cpu"))
+    n = quantize(model, "int4", GROUP, head_group_size=2 * GROUP)
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    assert n + 1 == len(layers) and model.get_output_embeddings().group_size == 2 * GROUP
+    assert {m.group_size for m in layers if m is not model.get_output_embeddings()} == {GROUP}
+    fresh = load_model("builtin:tiny_llama/small", torch.float32, torch.device("cpu"))
+    with pytest.raises(BildexpError, match="cannot be cut into groups of 4096"):
+        quantize(fresh, "int4", GROUP, head_group_size=4096)
+
+
 def test_t5_layers_quantize():
     """T5's Linear layers (encoder, decoder, cross-attention, LM head) take int4 too; the cost model counts their
     weights as before and reads them at about half a byte each."""
