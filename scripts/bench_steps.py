@@ -122,6 +122,12 @@ def main() -> None:
         pc = OmegaConf.load(CONF_DIR / "pair" / f"{args.pair}.yaml")
         large_name, small_name = pc.large, pc.small
     ks = [int(k) for k in args.ks.split(",")]
+    quants = {}  # --small-quants entry → (mode, int4 group size), checked before any model loads
+    for quant in args.small_quants.split(","):
+        mode, _, group = quant.partition("-g")
+        if group and not group.isdigit():
+            raise SystemExit(f"--small-quants: {quant!r} is not a quantization (none, int8, int4, int4-g<group size>)")
+        quants[quant] = (mode, int(group or args.group_size))
     print(f"threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} device={device} "
           f"context={args.context} source={args.source} reps={args.reps} torch={torch.__version__}")
     print(f"large={large_name} small={'first %d layers of large' % args.draft_layers if args.draft_layers else small_name}"
@@ -133,15 +139,13 @@ def main() -> None:
         large = load_model(large_name, DTYPES[dtype], device)
         quantize(large, args.large_quant, args.group_size, "--large-quant")
         smalls = {}  # quant → the small model so quantized
-        for quant in args.small_quants.split(","):
+        for quant in quants:
             if args.draft_layers:
                 smalls[quant] = first_layers(large, args.draft_layers)
                 continue
             smalls[quant] = load_model(small_name, DTYPES[dtype], device)
-            mode, _, group = quant.partition("-g")
-            if group and not group.isdigit():
-                raise SystemExit(f"--small-quants: {quant!r} is not a quantization (none, int8, int4, int4-g<group size>)")
-            quantize(smalls[quant], mode, int(group or args.group_size), "--small-quants", head_group_size=args.head_group_size)
+            mode, group = quants[quant]
+            quantize(smalls[quant], mode, group, "--small-quants", head_group_size=args.head_group_size)
         for backend in args.backends.split(","):
             decoders = {"large": decoder_for(large, backend), **{q: decoder_for(m, backend) for q, m in smalls.items()}}
             if decoders["large"] is not None:
