@@ -114,6 +114,11 @@ class PairConfig:
     small_quant: str = "none"
     large_quant: str = "none"
     quant_group_size: int = 128
+    # int4: the LM head's own group size (the other layers take quant_group_size); null: the same as theirs. The
+    # decoder layers' rounding costs a draft its agreement, the head's barely, and the head is the largest layer of a
+    # small model with a large vocabulary: layers in 64 with the head in 128 keep bf16's agreement at the step cost
+    # of groups of 128 (docs/testbeds.md "qwen25_int4").
+    quant_head_group_size: Optional[int] = None
     # Passes of at least this many tokens (prompts, encoder inputs) run a quantized model's layers as dense GEMMs on
     # the dequantized weights, kept beside the codes: the weight-only kernels cost the same per token at any length,
     # so an int4 draft's prompt pass is slower than a dense one (bildexp/quant.py). 0: never (no dense copy).

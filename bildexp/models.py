@@ -204,7 +204,7 @@ def load_pair(cfg: PairConfig) -> ModelPair:
         total = len(decoder_layers(large))
         if not 1 <= n < total:
             raise BildexpError(f"pair.early_exit.small_layers={n} must be in [1, {total - 1}]: {cfg.large} has {total} decoder layers")
-        quantize(large, cfg.large_quant, cfg.quant_group_size, "pair.large_quant", cfg.quant_dense_rows)
+        quantize(large, cfg.large_quant, cfg.quant_group_size, "pair.large_quant", cfg.quant_dense_rows, cfg.quant_head_group_size)
         pair = assemble_pair(cfg.name, large, large, tokenizer, device, dtype)
         pair.small_layers = n
         return pair
@@ -213,8 +213,8 @@ def load_pair(cfg: PairConfig) -> ModelPair:
         resize_to_tokenizer(small, len(tokenizer))
     check_vocabularies(cfg, large, small, tokenizer)
     # After the vocabulary check (it reads the LM heads' rows) and before any static decoder compiles the forwards.
-    quantize(large, cfg.large_quant, cfg.quant_group_size, "pair.large_quant", cfg.quant_dense_rows)
-    quantize(small, cfg.small_quant, cfg.quant_group_size, "pair.small_quant", cfg.quant_dense_rows)
+    for role, model, mode in (("large", large, cfg.large_quant), ("small", small, cfg.small_quant)):
+        quantize(model, mode, cfg.quant_group_size, f"pair.{role}_quant", cfg.quant_dense_rows, cfg.quant_head_group_size)
     pair = assemble_pair(cfg.name, large, small, tokenizer, device, dtype)
     if cfg.cache == "static":
         try:

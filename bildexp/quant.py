@@ -113,8 +113,10 @@ class WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}{group}{dense}"
 
 
-def check(model: nn.Module, mode: str, group_size: int, what: str, dense_rows: int = 0) -> None:
-    """One-line errors for a quantization this model, dtype and device cannot take (before anything is replaced)."""
+def check(model: nn.Module, mode: str, group_size: int, what: str, dense_rows: int = 0,
+          group_setting: str = "pair.quant_group_size") -> None:
+    """One-line errors for a quantization this model, dtype and device cannot take (before anything is replaced);
+    group_setting: the setting group_size came from, named in the errors."""
     if mode not in QUANT_MODES:
         raise BildexpError(f"{what}={mode!r} is not one of {', '.join(QUANT_MODES)}")
     if dense_rows < 0:
@@ -127,11 +129,11 @@ def check(model: nn.Module, mode: str, group_size: int, what: str, dense_rows: i
     if device.type == "cuda" and dtype != torch.bfloat16:
         raise BildexpError(f"{what}=int4 on CUDA needs bfloat16 activations (torch's int4 kernel): use pair.dtype=bfloat16 or int8")
     if group_size < 2 or group_size & (group_size - 1):
-        raise BildexpError(f"pair.quant_group_size={group_size} must be a power of two >= 2 (32, 64, 128 or 256)")
+        raise BildexpError(f"{group_setting}={group_size} must be a power of two >= 2 (32, 64, 128 or 256)")
     bad = sorted({m.in_features for m in model.modules() if isinstance(m, nn.Linear) and m.in_features % group_size})
     if bad:
         raise BildexpError(f"{what}=int4: Linear layers with {bad[0]} inputs cannot be cut into groups of "
-                           f"{group_size}: set pair.quant_group_size to a power of two that divides {bad[0]}")
+                           f"{group_size}: set {group_setting} to a power of two that divides {bad[0]}")
 
 
 def quantize(model: nn.Module, mode: str, group_size: int, what: str = "pair.small_quant", dense_rows: int = 0,
@@ -144,7 +146,7 @@ def quantize(model: nn.Module, mode: str, group_size: int, what: str = "pair.sma
         return 0
     if mode == "int4" and head_group_size:
         head = model.get_output_embeddings()
-        check(head, mode, head_group_size, what, dense_rows)
+        check(head, mode, head_group_size, what, dense_rows, "pair.quant_head_group_size")
         model.set_output_embeddings(WeightOnlyLinear(head, mode, head_group_size, dense_rows))
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name in names:

@@ -46,7 +46,8 @@ _NOT_IN_ID = {"output_dir", "force", "progress", "build", "interleave"}
 _ID_DEFAULTS = {"cache": "dynamic", "compile": "none", "freeze": False, "resize_to_tokenizer": False,
                 "hub_revision": "refs/convert/parquet", "hub_files": "{config}/{split}/*.parquet", "hub_rows": None,
                 "drop_empty": False, "scoring": "standard", "reference_tokens": 128,
-                "small_quant": "none", "large_quant": "none", "quant_group_size": 128, "quant_dense_rows": 0, "repeat": 0}
+                "small_quant": "none", "large_quant": "none", "quant_group_size": 128, "quant_dense_rows": 0, "repeat": 0,
+                "quant_head_group_size": None}
 # Section-level `name` fields become these columns.
 _NAME_COLUMNS = {"task": "task", "pair": "pair", "policy": "policy"}
 
@@ -120,9 +121,11 @@ def backend_label(cfg: Config) -> str:
 
 
 def quant_label(cfg: Config) -> str:
-    """'' with full-precision weights; '.small-int4-g128', '.large-int8', '.small-int4-g128-dense16', ... naming each quantized model."""
+    """'' with full-precision weights; '.small-int4-g128', '.large-int8', '.small-int4-g64-head128-dense16', ... naming
+    each quantized model."""
     p = cfg.pair
-    parts = [f"{role}-{mode}" + (f"-g{p.quant_group_size}" if mode == "int4" else "")
+    head = f"-head{p.quant_head_group_size}" if p.quant_head_group_size else ""
+    parts = [f"{role}-{mode}" + (f"-g{p.quant_group_size}{head}" if mode == "int4" else "")
              + (f"-dense{p.quant_dense_rows}" if p.quant_dense_rows else "")
              for role, mode in (("large", p.large_quant), ("small", p.small_quant)) if mode != "none"]
     return "".join(f".{part}" for part in parts)

@@ -63,14 +63,14 @@ def test_long_passes_run_dense_on_the_same_weights():
         assert dense.storage_bytes() == kernel.storage_bytes()  # a decode step reads the codes only
 
 
-@pytest.fixture(scope="module", params=["int4", "int8", "int4-dense4"])
+@pytest.fixture(scope="module", params=["int4", "int8", "int4-dense4", "int4-head64"])
 def quant_pair(request):
-    """tiny_llama with its small model quantized (int4-dense4: prompts of 4 tokens or more dense), and the same pair
-    unquantized (both fp32)."""
+    """tiny_llama with its small model quantized (int4-dense4: prompts of 4 tokens or more dense; int4-head64: the LM
+    head in groups of 64, the other layers in GROUP), and the same pair unquantized (both fp32)."""
     plain = load_pair(make_config("pair=tiny_llama").pair)
-    mode, _, dense = request.param.partition("-dense")
-    cfg = make_config("pair=tiny_llama", f"pair.small_quant={mode}", f"pair.quant_group_size={GROUP}",
-                      f"pair.quant_dense_rows={dense or 0}")
+    mode, _, extra = request.param.partition("-")
+    setting = {"dense4": "pair.quant_dense_rows=4", "head64": "pair.quant_head_group_size=64", "": "pair.quant_dense_rows=0"}[extra]
+    cfg = make_config("pair=tiny_llama", f"pair.small_quant={mode}", f"pair.quant_group_size={GROUP}", setting)
     return mode, load_pair(cfg.pair), plain, cfg
 
 
@@ -87,6 +87,8 @@ def test_lossless_policies_stay_exact_with_a_quantized_draft(quant_pair, toy_exa
     n = sum(isinstance(m, WeightOnlyLinear) for m in pair.small.modules())
     assert n == sum(isinstance(m, torch.nn.Linear) for m in plain.small.modules()) and n > 0
     assert not any(isinstance(m, WeightOnlyLinear) for m in pair.large.modules())
+    if mode == "int4":
+        assert pair.small.get_output_embeddings().group_size == (cfg.pair.quant_head_group_size or GROUP)
     large = _decode(pair, prompts, name="vanilla", which="large")
     assert large == _decode(plain, prompts, name="vanilla", which="large")
     small_q = _decode(pair, prompts, name="vanilla", which="small")
@@ -150,6 +152,9 @@ def test_quant_settings_in_run_id_and_row():
     assert (cols["small_quant"], cols["large_quant"], cols["quant_group_size"]) == ("int4", "none", GROUP)
     dense = make_config("pair=tiny_llama", "pair.small_quant=int4", f"pair.quant_group_size={GROUP}", "pair.quant_dense_rows=16")
     assert ".small-int4-g32-dense16." in run_id(dense) and config_columns(dense)["quant_dense_rows"] == 16
+    head = make_config("pair=tiny_llama", "pair.small_quant=int4", f"pair.quant_group_size={GROUP}", "pair.quant_head_group_size=64")
+    assert ".small-int4-g32-head64." in run_id(head) and config_columns(head)["quant_head_group_size"] == 64
+    assert config_columns(q)["quant_head_group_size"] is None  # unset: out of the id's hash, earlier ids hold
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -157,6 +162,8 @@ def test_quant_settings_in_run_id_and_row():
     (["pair.small_quant=int4"], "groups of 128"),
     (["pair.small_quant=int4", "pair.quant_group_size=48"], "must be a power of two"),
     ([f"pair.small_quant=int4", f"pair.quant_group_size={GROUP}", "pair.quant_dense_rows=-1"], "must be >= 0"),
+    ([f"pair.small_quant=int4", f"pair.quant_group_size={GROUP}", "pair.quant_head_group_size=256"],
+     "groups of 256: set pair.quant_head_group_size"),
 ])
 def test_unsupported_quantization_is_one_line(overrides, message):
     with pytest.raises(BildexpError, match=message) as err:

@@ -151,8 +151,8 @@ def test_the_pair_is_registered_and_its_config_composes(tmp_path, monkeypatch):
             (folder / name).write_text("{}")
     assert resolve_path("builtin:qwen25/small") == str(tmp_path / "qwen25-v1" / "small")
     int4 = compose_config("pair=qwen25_int4").pair  # the same models, the draft's weights in int4
-    assert (int4.large, int4.small, int4.small_quant, int4.large_quant, int4.quant_group_size) == (
-        pair.large, pair.small, "int4", "none", 128)
+    assert (int4.large, int4.small, int4.small_quant, int4.large_quant, int4.quant_group_size, int4.quant_head_group_size) == (
+        pair.large, pair.small, "int4", "none", 64, 128)
 
 
 def test_end_of_text_is_added_to_the_eos_ids(tmp_path):
