@@ -61,6 +61,23 @@ def test_static_state_equals_the_dynamic_one(arch):
         st.advance(new[:, :1])
 
 
+def test_eager_static_passes_compute_the_lm_head_on_kept_positions_only():
+    """A long prompt pass (eager, unpadded) and a padded short one compute the LM head on the kept positions (and the
+    padding after them) only, as transformers' logits_to_keep does on the dynamic path: the same logits."""
+    model = _models()["qwen2"]
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        prompt = torch.arange(2, MAX_BUCKET + 7).unsqueeze(0)  # k = MAX_BUCKET + 5: one eager pass of its own length
+        dyn, st = ModelState(model), ModelState(model, static=StaticDecoder(model))
+        torch.testing.assert_close(st.advance(prompt, keep=2), dyn.advance(prompt, keep=2), atol=1e-5, rtol=1e-5)
+        three = torch.tensor([[40, 41, 42]])  # padded to 4: the head on the 2 kept rows and the 1 padding row
+        torch.testing.assert_close(st.advance(three, keep=2), dyn.advance(three, keep=2), atol=1e-5, rtol=1e-5)
+    finally:
+        hook.remove()
+    assert rows == [2, 2, 3, 2]  # static, dynamic (prompt); static (kept + padding), dynamic
+
+
 def test_padded_sources_give_the_unpadded_cross_attention():
     """The CUDA-graph route's encoder buckets, checked uncompiled on a CPU: a source padded to its bucket (masked)
     gives the decoder the logits of the unpadded source, and warmup runs every bucket up to the capacity."""
