@@ -622,6 +622,9 @@ def _ppd_latency(df: pd.DataFrame, out: Path) -> list[Path]:
                        "Ratios to vanilla greedy decoding of the same model; theorem at each run's own match rate.")
 
 
+# The testbed experiments (conf/experiment/<stem>.yaml) whose CSV becomes a figure and tables (_testbed_sweep).
+TESTBED_SWEEPS = ("qwen25_xsum", "qwen25_wmt", "qwen25_int4_xsum", "qwen25_int4_wmt", "qwen25_int4_xsum_interleaved",
+                  "qwen25_int4_wmt_interleaved", "qwen25_int4_mixed_xsum", "qwen25_int4_mixed_wmt")
 # Artifact → its CSV (the offline variant's experiment_name, then the paper variant's) and builder.
 ARTIFACTS = [
     ("bild_fig2", ("bild_fig2",), _fig2),
@@ -632,12 +635,7 @@ ARTIFACTS = [
     ("bild_fig8", ("bild_fig8",), _fig8),
     ("ppd_table1", ("ppd",), _ppd),
     ("ppd_fig2_4", ("ppd_latency",), _ppd_latency),
-    ("qwen25_xsum", ("qwen25_xsum",), partial(_testbed_sweep, "qwen25_xsum")),
-    ("qwen25_wmt", ("qwen25_wmt",), partial(_testbed_sweep, "qwen25_wmt")),
-    ("qwen25_int4_xsum", ("qwen25_int4_xsum",), partial(_testbed_sweep, "qwen25_int4_xsum")),
-    ("qwen25_int4_wmt", ("qwen25_int4_wmt",), partial(_testbed_sweep, "qwen25_int4_wmt")),
-    ("qwen25_int4_xsum_interleaved", ("qwen25_int4_xsum_interleaved",), partial(_testbed_sweep, "qwen25_int4_xsum_interleaved")),
-    ("qwen25_int4_wmt_interleaved", ("qwen25_int4_wmt_interleaved",), partial(_testbed_sweep, "qwen25_int4_wmt_interleaved")),
+    *((stem, (stem,), partial(_testbed_sweep, stem)) for stem in TESTBED_SWEEPS),
     ("interleaved_t5_multi30k", ("interleaved_t5_multi30k",), partial(_interleaved, "interleaved_t5_multi30k")),
     ("interleaved_t5_multi30k_compiled", ("interleaved_t5_multi30k_compiled",),
      partial(_interleaved, "interleaved_t5_multi30k_compiled")),

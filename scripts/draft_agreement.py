@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--group-sizes", default=None,
                     help="int4 group sizes to try, e.g. 128,64,32 (default: the pair's pair.quant_group_size)")
     ap.add_argument("--head-group-size", type=int, default=None,
-                    help="int4: the LM head's own group size (default: the layers' group size)")
+                    help="int4: the LM head's own group size (default: the pair's pair.quant_head_group_size; "
+                         "unset there: the layers' group size)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. pair=qwen25_int4_aligned")
     args = ap.parse_args()
     cfg = compose_config(f"experiment={args.experiment}", *args.overrides, f"runner.limit={args.limit}", f"pair.threads={args.threads}",
@@ -52,13 +53,14 @@ def main() -> None:
     print(f"pair {cfg.pair.name}, task {cfg.task.name} ({len(prompts)} examples, {sum(map(len, outputs))} tokens), "
           f"dtype {cfg.pair.dtype}, device {pair.device}, threads {threads}")
     groups = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else [cfg.pair.quant_group_size]
+    head_group = args.head_group_size or cfg.pair.quant_head_group_size
     for quant in args.quants.split(","):
         for group in groups if quant == "int4" else [cfg.pair.quant_group_size]:
             small = load_model(cfg.pair.small, DTYPES[cfg.pair.dtype], resolve_device(cfg.pair.device))
             label = f"{quant} g{group}" if quant == "int4" else quant
-            if quant == "int4" and args.head_group_size:
-                label += f", head g{args.head_group_size}"
-            quantize(small, quant, group, "--quants", head_group_size=args.head_group_size)
+            if quant == "int4" and head_group:
+                label += f", head g{head_group}"
+            quantize(small, quant, group, "--quants", head_group_size=head_group)
             print(f"small {label}: top-1 agreement {top1_agreement(small, prompts, outputs):.3f}", flush=True)
 
 

@@ -202,6 +202,6 @@ def test_draft_agreement_takes_group_sizes_and_config_overrides():
     assert "pair tiny_llama, task wmt (2 examples" in out.stdout
     assert all(0.0 <= float(line.rsplit(" ", 1)[1]) <= 1.0 for line in lines)
     head = _script("scripts/draft_agreement.py", "--experiment", "qwen25_int4_wmt", "--limit", "1", "--quants", "int4",
-                   "--group-sizes", "32", "--head-group-size", "64", "pair=tiny_llama", "task.max_new_tokens=4")
-    assert head.returncode == 0, head.stderr
+                   "--group-sizes", "32", "pair=tiny_llama", "pair.quant_head_group_size=64", "task.max_new_tokens=4")
+    assert head.returncode == 0, head.stderr  # the head's group from the pair's setting (or --head-group-size)
     assert "small int4 g32, head g64: top-1 agreement" in head.stdout

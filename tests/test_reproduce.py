@@ -253,7 +253,7 @@ def test_figures_from_the_committed_csvs_alone(tmp_path):
     assert "Vicuna-13B" in (tmp_path / "ppd_table1.md").read_text() and "ours" in (tmp_path / "ppd_table1.md").read_text()
 
 
-@pytest.mark.parametrize("experiment", ["qwen25_int4_wmt_interleaved", "interleaved_t5_multi30k"])
+@pytest.mark.parametrize("experiment", ["qwen25_int4_mixed_wmt", "interleaved_t5_multi30k"])
 def test_interleaved_experiments_time_every_sweep_in_one_group(experiment, tmp_path):
     """reproduce.interleave: every point of every sweep line decoded in one interleaved group (one interleave_group
     for all rows), and the runs table divides each speedup by the vanilla-large run of that group."""
@@ -314,3 +314,20 @@ def test_int4_experiments_compose_on_their_pair(experiment):
     vanilla_large = [c.runner.repeat for c in points if c.policy.name == "vanilla" and c.policy.which == "large"
                      and not c.policy.sampling]
     assert vanilla_large == [0, 1] and points[0].policy.which == "large" and points[-1].runner.repeat == 1
+
+
+@pytest.mark.parametrize("experiment, groups", [
+    ("qwen25_int4_wmt", (128, None)), ("qwen25_int4_xsum_interleaved", (128, None)),  # ran before the mixed draft
+    ("qwen25_int4_mixed_wmt", (64, 128)), ("qwen25_int4_mixed_xsum", (64, 128))])
+def test_int4_experiments_keep_the_draft_they_ran_with(experiment, groups):
+    """The pair's draft changed (layers in int4 groups of 64, the head in 128); the experiments that ran with every
+    layer in 128 pin it, so every committed row keeps its run id (a rerun skips it), and the mixed ones take the
+    pair's setting."""
+    from bildexp.results import run_id
+
+    _, sweeps = plan(experiment)
+    points = [compose_config(*point) for sweep in sweeps for point in expand(sweep)]
+    assert {(c.pair.quant_group_size, c.pair.quant_head_group_size) for c in points} == {groups}
+    committed = PROJECT_ROOT / "results" / "offline" / f"{experiment}.csv"
+    if committed.is_file():
+        assert set(pd.read_csv(committed)["run_id"]) <= {run_id(c) for c in points}
