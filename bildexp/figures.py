@@ -321,6 +321,8 @@ def phase_table(df: pd.DataFrame) -> pd.DataFrame:
             quant = r.get(f"{r['which']}_quant", "none") if r["policy"] == "vanilla" else "none"
             if isinstance(quant, str) and quant != "none":
                 name += f" ({quant})"  # a quantized model decoding alone
+            if main is not None and r["pair"] != main:
+                name += f", {r['pair']}"  # another pair's run (e.g. an aligned draft) against the main pair's baseline
             if pd.notna(r.get("repeat", np.nan)) and int(r["repeat"]):
                 name += f", repeat {int(r['repeat'])}"  # the same setting timed again (e.g. after the policies)
             accepted = r.get("acceptance_rate", np.nan)

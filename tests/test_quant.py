@@ -205,3 +205,12 @@ def test_draft_agreement_takes_group_sizes_and_config_overrides():
                    "--group-sizes", "32", "pair=tiny_llama", "pair.quant_head_group_size=64", "task.max_new_tokens=4")
     assert head.returncode == 0, head.stderr  # the head's group from the pair's setting (or --head-group-size)
     assert "small int4 g32, head g64: top-1 agreement" in head.stdout
+
+
+def test_bench_prompt_head_times_both_models_both_ways():
+    """scripts/bench_prompt_head.py: a row per model and prompt length, the head on every position and on the last."""
+    out = _script("scripts/bench_prompt_head.py", "--pair", "tiny_llama", "--lengths", "20", "--threads", "1", "--reps", "1")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| large") or line.startswith("| small")]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [("large", "20"), ("small", "20")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
