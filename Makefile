@@ -68,6 +68,7 @@ sweep-qwen25-int4: qwen25 ## the int4-draft experiments on WMT and XSUM into res
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_xsum_interleaved
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_mixed_wmt
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_mixed_xsum
+	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_mixed_wmt_fine
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 
 qwen25-aligned: qwen25 ## align the qwen25 0.5B draft on WMT news tests 2008-12 (~70 min on CPU): checkpoints/qwen25_aligned
