@@ -11,7 +11,7 @@ DATA ?= $(or $(BILDEXP_DATA),../shared/data)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test sweep-tiny bench bench-steps tiny smollm2 smollm2-aligned t5-multi30k t5-multi30k-early-exit \
-	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 qwen25-aligned sweep-qwen25 sweep-qwen25-int4 sweep-interleaved \
+	sweep-t5-multi30k sweep-smollm2 sweep-baselines ppd-match qwen25 qwen25-aligned sweep-qwen25 sweep-qwen25-int4 sweep-qwen25-int4-aligned sweep-interleaved \
 	reproduce-results reproduce-figures reproduce-tiny clean
 
 help: ## list the targets
@@ -69,6 +69,10 @@ sweep-qwen25-int4: qwen25 ## the int4-draft experiments on WMT and XSUM into res
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_mixed_wmt
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_mixed_xsum
 	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_mixed_wmt_fine
+	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
+
+sweep-qwen25-int4-aligned: qwen25 ## claim C2 on qwen25_int4, aligned int4 draft vs unaligned on WMT (after make qwen25-aligned; alone; resumable)
+	OMP_WAIT_POLICY=ACTIVE $(BILDEXP) reproduce experiment=qwen25_int4_aligned_wmt
 	$(BILDEXP) figures --results results/offline --out docs/figures/reproduction
 
 qwen25-aligned: qwen25 ## align the qwen25 0.5B draft on WMT news tests 2008-12 (~70 min on CPU): checkpoints/qwen25_aligned

@@ -627,7 +627,7 @@ def _ppd_latency(df: pd.DataFrame, out: Path) -> list[Path]:
 # The testbed experiments (conf/experiment/<stem>.yaml) whose CSV becomes a figure and tables (_testbed_sweep).
 TESTBED_SWEEPS = ("qwen25_xsum", "qwen25_wmt", "qwen25_int4_xsum", "qwen25_int4_wmt", "qwen25_int4_xsum_interleaved",
                   "qwen25_int4_wmt_interleaved", "qwen25_int4_mixed_xsum", "qwen25_int4_mixed_wmt",
-                  "qwen25_int4_mixed_wmt_fine")
+                  "qwen25_int4_mixed_wmt_fine", "qwen25_int4_aligned_wmt")
 # Artifact → its CSV (the offline variant's experiment_name, then the paper variant's) and builder.
 ARTIFACTS = [
     ("bild_fig2", ("bild_fig2",), _fig2),

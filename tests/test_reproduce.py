@@ -319,7 +319,7 @@ def test_int4_experiments_compose_on_their_pair(experiment):
 @pytest.mark.parametrize("experiment, groups", [
     ("qwen25_int4_wmt", (128, None)), ("qwen25_int4_xsum_interleaved", (128, None)),  # ran before the mixed draft
     ("qwen25_int4_mixed_wmt", (64, 128)), ("qwen25_int4_mixed_xsum", (64, 128)),
-    ("qwen25_int4_mixed_wmt_fine", (64, 128))])
+    ("qwen25_int4_mixed_wmt_fine", (64, 128)), ("qwen25_int4_aligned_wmt", (64, 128))])
 def test_int4_experiments_keep_the_draft_they_ran_with(experiment, groups):
     """The pair's draft changed (layers in int4 groups of 64, the head in 128); the experiments that ran with every
     layer in 128 pin it, so every committed row keeps its run id (a rerun skips it), and the mixed ones take the
